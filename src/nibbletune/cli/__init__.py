@@ -1,0 +1,1 @@
+"""The `nibbletune` command line: one subcommand per job, each in its own module."""
