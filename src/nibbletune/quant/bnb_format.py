@@ -14,6 +14,7 @@ import json
 import torch
 
 from ..errors import FormatError
+from .blockwise import SUPPORTED_BLOCKSIZES, SUPPORTED_DTYPES
 from .codebooks import NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map
 from .tensor import QuantizedTensor
 
@@ -92,10 +93,14 @@ def from_bnb_state_dict(state_dict: dict, prefix: str) -> QuantizedTensor:
         blocksize = int(meta["blocksize"])
         shape = torch.Size(int(s) for s in meta["shape"])
         dtype = getattr(torch, meta["dtype"])
+        nested_offset = float(meta["nested_offset"]) if "nested_offset" in meta else None
+        nested_blocksize = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise FormatError(f"{prefix}: malformed quant_state metadata {meta!r} ({exc})") from None
-    if quant_type not in QUANT_TYPES or not isinstance(dtype, torch.dtype):
+    if quant_type not in QUANT_TYPES or dtype not in SUPPORTED_DTYPES:
         raise FormatError(f"{prefix}: unsupported quant_type {quant_type!r} or dtype {meta['dtype']!r}")
+    if blocksize not in SUPPORTED_BLOCKSIZES or any(size < 0 for size in shape):
+        raise FormatError(f"{prefix}: invalid blocksize {blocksize} or shape {list(shape)} in quant_state")
     packed = need(prefix)
     if packed.dtype != torch.uint8:
         packed = packed.contiguous().view(torch.uint8)  # quant_storage other than uint8
@@ -110,18 +115,18 @@ def from_bnb_state_dict(state_dict: dict, prefix: str) -> QuantizedTensor:
     absmax = need(f"{prefix}.absmax").reshape(-1)
     if absmax.numel() != blocks:
         raise FormatError(f"{prefix}.absmax has {absmax.numel()} entries, expected {blocks}")
-    if "nested_offset" not in meta:
+    if nested_offset is None:
         if absmax.dtype != torch.float32:
             raise FormatError(f"{prefix}.absmax must be float32 without double quantization, got {absmax.dtype}")
         return QuantizedTensor(packed, absmax, shape, dtype, blocksize, quant_type)
     nested_absmax = need(f"{prefix}.nested_absmax").reshape(-1).float()
     nested_map = need(f"{prefix}.nested_quant_map")
-    if int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)) != NESTED_BLOCKSIZE:
-        raise FormatError(f"{prefix}: nested_blocksize {meta['nested_blocksize']} unsupported (expected 256)")
+    if nested_blocksize != NESTED_BLOCKSIZE:
+        raise FormatError(f"{prefix}: nested_blocksize {nested_blocksize} unsupported (expected 256)")
     if not torch.equal(nested_map.float().cpu(), dynamic_map()):
         raise FormatError(f"{prefix}.nested_quant_map is not bitsandbytes' dynamic map")
     if absmax.dtype != torch.uint8 or nested_absmax.numel() != -(-blocks // NESTED_BLOCKSIZE):
         raise FormatError(f"{prefix}: double-quantized absmax has the wrong dtype or nested size")
     return QuantizedTensor(
-        packed, absmax, shape, dtype, blocksize, quant_type, nested_absmax, float(meta["nested_offset"])
+        packed, absmax, shape, dtype, blocksize, quant_type, nested_absmax, nested_offset
     )

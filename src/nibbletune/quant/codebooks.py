@@ -50,8 +50,12 @@ def _codebook_cpu(quant_type: str) -> torch.Tensor:
 
 
 def codebook(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Return the 16 float32 values that 4-bit codes 0..15 decode to (before the absmax scale)."""
-    return _codebook_cpu(quant_type).to(device)
+    """Return the 16 float32 values that 4-bit codes 0..15 decode to (before the absmax scale).
+
+    A fresh tensor each call: callers may store or modify it without touching the cache (and
+    state dicts built from it share no memory, which safetensors refuses).
+    """
+    return _codebook_cpu(quant_type).to(device, copy=True)
 
 
 @lru_cache(maxsize=None)
@@ -94,8 +98,11 @@ def _dynamic_map_cpu() -> torch.Tensor:
 
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """Return bitsandbytes' signed 8-bit dynamic map (256 sorted float32 values in [-0.993, 1])."""
-    return _dynamic_map_cpu().to(device)
+    """Return bitsandbytes' signed 8-bit dynamic map (256 sorted float32 values in [-0.993, 1]).
+
+    A fresh tensor each call, like `codebook`.
+    """
+    return _dynamic_map_cpu().to(device, copy=True)
 
 
 def dynamic_map_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:

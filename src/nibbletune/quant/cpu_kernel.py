@@ -1,11 +1,238 @@
-"""Placeholder until the compiled CPU kernel lands."""
+"""The compiled CPU dequantization kernel: C source built on first use, loaded with ctypes.
+
+Why plain C and ctypes: the kernel (`csrc/dequant4bit.c`) includes no torch headers, so it
+compiles in about a second with the system compiler and needs no build step at install
+time. The algorithm and the derivation of its exactness are in the C file's header; in
+short, every element is codebook[code] * scale in float32 (one multiply, like
+`reference.py`), the per-block scale of double quantization is recovered in the kernel as
+map[code] * nested_absmax + offset (two float32 operations), and the casts to float16 and
+bfloat16 round to nearest even exactly as torch does. The flags include -ffp-contract=off so
+the compiler can never fuse a multiply and an add, which would change bits.
+
+Build cache: the shared library goes to
+`$XDG_CACHE_HOME/nibbletune/kernels/<key>/dequant4bit.so` (default `~/.cache`), where the key
+hashes the source, the flags, the CPU flags and the compiler's version, so a different
+machine or compiler never loads a stale binary. It is compiled to a temporary name and
+moved into place with os.replace, so concurrent processes never load a half-written file.
+
+Fresh outputs of 4 MB or more are madvise(MADV_HUGEPAGE)d before the kernel writes them:
+faulting in a new output page by page otherwise costs several times the decoding itself.
+
+Threads: the C side runs torch.get_num_threads() OpenMP threads (libgomp; torch's wheel ships
+the same soname, so one runtime serves both).
+
+If no compiler exists or compiling fails, `cpu_kernel_available()` is False, one warning is
+logged, and `dequantize.py` uses the pure-torch path. Importing this module never compiles.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..errors import QuantizationError
+from .codebooks import NESTED_BLOCKSIZE, codebook, dynamic_map
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "dequant4bit.c"
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off")
+# Fresh outputs at least this large get madvise(MADV_HUGEPAGE) before the kernel first touches
+# them: on Linux with transparent huge pages in "madvise" mode this makes a fresh 32 MB output
+# about 3x cheaper to fault in (measured: 24.5 ms -> 7.1 ms single-threaded, 4096x4096 bf16).
+HUGEPAGE_MIN_BYTES = 4 << 20
+_OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_load_failed = False
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nibbletune" / "kernels"
+
+
+def _build_key(compiler: str, source: bytes) -> str:
+    from ..devices import cpu_flags
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256()
+    for part in (source, " ".join(CFLAGS).encode(), " ".join(sorted(cpu_flags())).encode(),
+                 compiler.encode(), version.encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:20]
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        result = subprocess.run(
+            [compiler, *CFLAGS, "-o", temporary, str(SOURCE)], capture_output=True, text=True, timeout=120
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _load() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (cc, gcc or $CC)")
+    source = SOURCE.read_bytes()
+    key = _build_key(compiler, source)
+    target = _cache_root() / key / "dequant4bit.so"
+    if not target.exists():
+        try:
+            _compile(compiler, target)
+        except OSError:  # cache dir not writable: build in a private temporary directory
+            target = Path(tempfile.mkdtemp(prefix="nibbletune-kernels-")) / "dequant4bit.so"
+            _compile(compiler, target)
+    library = ctypes.CDLL(str(target))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    library.nt_dequant4bit.argtypes = [
+        p, i64, i64, p, p, p, p, p, i64, ctypes.c_float, ctypes.c_int, p, ctypes.c_int
+    ]
+    library.nt_dequant4bit.restype = ctypes.c_int
+    library.nt_dequant4bit_simd_level.restype = ctypes.c_int
+    library.nt_advise_hugepages.argtypes = [p, i64]
+    library.nt_advise_hugepages.restype = ctypes.c_int
+    return library
+
+
+def _get_library() -> ctypes.CDLL | None:
+    global _library, _load_failed
+    if _library is not None or _load_failed:
+        return _library
+    with _lock:
+        if _library is None and not _load_failed:
+            try:
+                _library = _load()
+            except Exception as error:  # noqa: BLE001 - any failure means "use the torch path"
+                _load_failed = True
+                logger.warning("nibbletune CPU kernel unavailable, using the pure-torch path: %s", error)
+    return _library
 
 
 def cpu_kernel_available() -> bool:
-    """True when the compiled C dequantization kernel can be used."""
-    return False
+    """True when the compiled C dequantization kernel can be used (compiles it on first call)."""
+    return _get_library() is not None
 
 
-def dequantize_cpu(qt, dtype, out=None):
-    """Dequantize with the compiled C kernel."""
-    raise NotImplementedError
+def simd_level() -> str:
+    """Which code path the compiled kernel uses: "avx2", "scalar", or "unavailable"."""
+    library = _get_library()
+    if library is None:
+        return "unavailable"
+    return "avx2" if library.nt_dequant4bit_simd_level() >= 2 else "scalar"
+
+
+@lru_cache(maxsize=None)
+def _codebook(quant_type: str) -> torch.Tensor:
+    return codebook(quant_type).contiguous()
+
+
+def _flat(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` as contiguous `dtype` memory (no copy when it already is)."""
+    if tensor.dtype == dtype and tensor.is_contiguous():
+        return tensor
+    return tensor.reshape(-1).to(dtype).contiguous()
+
+
+def _check_inputs(qt, dtype: torch.dtype, out: torch.Tensor | None) -> None:
+    if dtype not in _OUT_CODES:
+        raise QuantizationError(f"can dequantize to float32, float16 or bfloat16, not {dtype}")
+    if not qt.packed.is_cpu:
+        raise QuantizationError(f"the CPU kernel needs CPU tensors, got {qt.packed.device}")
+    n, blocks = qt.numel, qt.num_blocks
+    if qt.packed.dtype != torch.uint8 or qt.packed.numel() < (n + 1) // 2:
+        raise QuantizationError(
+            f"packed codes must be uint8 with at least {(n + 1) // 2} bytes, "
+            f"got {qt.packed.dtype} with {qt.packed.numel()}"
+        )
+    if qt.absmax.numel() < blocks:
+        raise QuantizationError(f"absmax has {qt.absmax.numel()} entries, expected {blocks}")
+    if qt.double_quant and qt.nested_absmax.numel() < -(-blocks // NESTED_BLOCKSIZE):
+        raise QuantizationError(
+            f"nested_absmax has {qt.nested_absmax.numel()} entries, expected {-(-blocks // NESTED_BLOCKSIZE)}"
+        )
+    if out is not None and (
+        out.shape != qt.shape or out.dtype != dtype or not out.is_cpu or not out.is_contiguous()
+    ):
+        raise QuantizationError(
+            f"out must be a contiguous CPU {dtype} tensor of shape {tuple(qt.shape)}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+
+
+def dequantize_cpu(qt, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode a CPU QuantizedTensor to `dtype` with the C kernel, into `out` when given.
+
+    Bit-exact with `reference.reference_dequantize_4bit`; uses torch.get_num_threads() threads.
+    Raises QuantizationError for bad dtypes, devices or inconsistent tensors, RuntimeError if
+    the kernel is not available (check `cpu_kernel_available()` first).
+    """
+    _check_inputs(qt, dtype, out)
+    library = _get_library()
+    if library is None:
+        raise RuntimeError("the nibbletune CPU kernel is not available (see the logged warning)")
+    n = qt.numel
+    result = out
+    if result is None:
+        result = torch.empty(qt.shape, dtype=dtype)
+        if n * result.element_size() >= HUGEPAGE_MIN_BYTES:
+            library.nt_advise_hugepages(result.data_ptr(), n * result.element_size())
+    if n == 0:
+        return result
+    packed = _flat(qt.packed, torch.uint8)
+    table = _codebook(qt.quant_type)
+    if qt.double_quant:
+        absmax = None
+        absmax_codes = _flat(qt.absmax, torch.uint8)
+        nested_absmax = _flat(qt.nested_absmax, torch.float32)
+        nested_map = _nested_map()
+        offset = float(qt.nested_offset)
+    else:
+        absmax = _flat(qt.absmax, torch.float32)
+        absmax_codes = nested_absmax = nested_map = None
+        offset = 0.0
+
+    def pointer(tensor: torch.Tensor | None) -> int | None:
+        return None if tensor is None else tensor.data_ptr()
+
+    status = library.nt_dequant4bit(
+        packed.data_ptr(), n, qt.blocksize, table.data_ptr(), pointer(absmax), pointer(absmax_codes),
+        pointer(nested_map), pointer(nested_absmax), NESTED_BLOCKSIZE, offset, _OUT_CODES[dtype],
+        result.data_ptr(), torch.get_num_threads(),
+    )
+    if status != 0:
+        raise QuantizationError(f"the CPU kernel rejected {qt!r} (status {status})")
+    return result
+
+
+@lru_cache(maxsize=1)
+def _nested_map() -> torch.Tensor:
+    return dynamic_map().contiguous()

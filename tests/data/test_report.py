@@ -1,0 +1,86 @@
+"""The `nibbletune data` report: highlighted trained tokens, statistics, warnings for classic mistakes."""
+
+from __future__ import annotations
+
+from conftest import make_bpe_tokenizer, make_word_tokenizer, write_rows
+from nibbletune.data import build_dataset, render_report
+
+GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
+CHAT = [{"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi there"}]}]
+
+
+def build(tmp_path, rows, tokenizer, **kwargs):
+    return build_dataset(write_rows(tmp_path / "data.jsonl", rows), tokenizer, **{"seq_len": 64, **kwargs})
+
+
+def test_report_brackets_trained_text_without_color(tmp_path, word_tokenizer):
+    rows = [{"prompt": "what is two plus two", "completion": " four"}] * 4
+    dataset = build(tmp_path, rows, word_tokenizer)
+    report = render_report(dataset, word_tokenizer, num_samples=2, color=False)
+    assert "<s> what is two plus two[[ four </s>]]" in report
+    assert report.count("── sample") == 2
+    assert "\x1b[" not in report
+    assert "rows: 4   kept: 4   truncated: 0   dropped: 0" in report
+    assert "tokens per row: min 8   mean 8.0   p50 8   p95 8   max 8" in report
+    assert "trained tokens: 8 of 32 (25.0%)" in report
+
+
+def test_report_colors_trained_text(tmp_path, word_tokenizer):
+    dataset = build(tmp_path, CHAT, word_tokenizer)
+    report = render_report(dataset, word_tokenizer, color=True)
+    assert f"{GREEN} hi there <|im_end|>{RESET}" in report
+    assert "[[" not in report
+    assert "warnings: none" in report
+
+
+def test_report_keeps_spaces_of_byte_level_tokens(tmp_path):
+    tokenizer = make_bpe_tokenizer()
+    dataset = build(
+        tmp_path, [{"prompt": "Question: what is two plus two? Answer:", "completion": " four."}], tokenizer
+    )
+    report = render_report(dataset, tokenizer, color=False)
+    assert "<s>Question: what is two plus two? Answer:[[ four.</s>]]" in report
+
+
+def test_report_splits_packed_sequences_into_their_samples(tmp_path, word_tokenizer):
+    rows = [{"prompt": "say", "completion": " hi"}, {"prompt": "say", "completion": " bye"}]
+    dataset = build(tmp_path, rows, word_tokenizer, seq_len=16, packing=True)
+    report = render_report(dataset, word_tokenizer, color=False)
+    assert "── sequence 1 of 1 ── 2 samples packed (16 tokens, 4 trained)" in report
+    assert "<s> say[[ hi </s>]]" in report and "<s> say[[ bye </s>]]" in report
+    assert "training sequences: 1 of 16 tokens (50.0% padding)" in report
+
+
+def test_warning_no_eos(tmp_path, word_tokenizer):
+    dataset = build(tmp_path, [{"text": "hello world"}], word_tokenizer, add_eos=False)
+    report = render_report(dataset, word_tokenizer, color=False)
+    assert "1 of 1 samples have no EOS among their trained tokens" in report
+
+
+def test_warning_everything_masked(tmp_path, word_tokenizer):
+    rows = [{"messages": [{"role": "user", "content": "say hi"}]}] * 2
+    dataset = build(tmp_path, rows, word_tokenizer)
+    assert dataset.examples == [] and dataset.stats.dropped == 2
+    report = render_report(dataset, word_tokenizer, color=False)
+    expected = "none of the 2 rows has a trained token left (2 have none, e.g. no assistant turn)"
+    assert f"every token is masked: {expected}" in report
+
+
+def test_warning_chat_template_missing(tmp_path):
+    tokenizer = make_word_tokenizer(chat_template=None)
+    dataset = build(tmp_path, [{"prompt": "say", "completion": " hi"}], tokenizer)
+    assert any(warning.startswith("chat template missing") for warning in dataset.warnings)
+    assert "chat template missing" in render_report(dataset, tokenizer)
+
+
+def test_warning_alpaca_with_a_chat_template(tmp_path, word_tokenizer):
+    dataset = build(tmp_path, [{"instruction": "say hi", "output": "hi"}], word_tokenizer, seq_len=128)
+    assert any("rendered with the Alpaca prompt" in warning for warning in dataset.warnings)
+
+
+def test_warning_many_truncated(tmp_path, word_tokenizer):
+    rows = [{"text": "a b c d e f g h"}] * 3 + [{"text": "a"}] * 2
+    dataset = build(tmp_path, rows, word_tokenizer, seq_len=6)
+    assert dataset.stats.truncated == 3
+    report = render_report(dataset, word_tokenizer, color=False)
+    assert "3 of 5 rows (60%) are longer than seq_len=6 and were truncated (p95 length 10)" in report
