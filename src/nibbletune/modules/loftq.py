@@ -1,0 +1,62 @@
+"""LoftQ initialisation: choose the 4-bit base and the LoRA factors together.
+
+Plain QLoRA starts from Q(W) with B = 0, so the model begins with the full quantization error
+W - Q(W). LoftQ (Li et al. 2023) alternates, starting from B A = 0:
+
+    Q_k       = dequant(quantize(W - scaling * B_{k-1} A_{k-1}))
+    B_k, A_k  = rank-r factors with scaling * B_k A_k ~= W - Q_k   (truncated SVD)
+
+so after each round Q_k + scaling * B_k A_k is closer to W than Q(W) alone (the first round
+already is: the SVD captures the best rank-r part of the quantization error). The returned base
+is the quantized tensor from the last round, whose B A was fitted to it.
+
+Unlike PEFT's `loftq_init` (CUDA-only, and fitting B A to the residual with no regard to
+lora_alpha / r), this runs wherever `quantize` runs and honours the scale: the SVD factors
+U sqrt(S) and sqrt(S) V^T are divided by sqrt(scaling) so that scaling * B A is the fitted
+residual, whatever alpha and r are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import NibbletuneError
+from ..quant import QuantizedTensor, quantize
+
+
+def low_rank_factors(residual: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r]) with scaling * B @ A the best rank-r approximation of `residual`."""
+    U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+    root = S[:r].sqrt() / scaling ** 0.5
+    B = U[:, :r] * root  # [out, r]
+    A = root[:, None] * Vh[:r]  # [r, in]
+    return A, B
+
+
+def loftq_init(
+    weight: torch.Tensor,
+    r: int,
+    scaling: float,
+    num_iters: int = 1,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
+    """Return (quantized base, lora_A [r, in], lora_B [out, r]) for a [out, in] weight.
+
+    The factors are float32; the quantized tensor keeps the weight's dtype as its nominal dtype.
+    """
+    if weight.dim() != 2:
+        raise NibbletuneError(f"LoftQ needs a 2-D weight, got shape {tuple(weight.shape)}")
+    if num_iters < 1:
+        raise NibbletuneError(f"LoftQ num_iters must be at least 1, got {num_iters}")
+    if r > min(weight.shape):
+        raise NibbletuneError(f"LoftQ rank {r} exceeds the weight's smallest dimension {min(weight.shape)}")
+    full = weight.detach().float()
+    target = full
+    for _ in range(num_iters):
+        qt = quantize(target.to(weight.dtype), quant_type, blocksize, double_quant)
+        dequantized = qt.dequantize(torch.float32)
+        lora_A, lora_B = low_rank_factors(full - dequantized, r, scaling)
+        target = full - scaling * (lora_B @ lora_A)
+    return qt, lora_A.contiguous(), lora_B.contiguous()
