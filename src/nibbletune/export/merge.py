@@ -1,0 +1,199 @@
+"""merge: fold a LoRA/DoRA adapter into its base, as a pure function over weights.
+
+For each linear that training ran in 4 bits, the base weight is what training saw:
+dequantize(quantize(W)) with the adapter's recorded quantization settings (or, for a base that
+is already a bitsandbytes 4-bit checkpoint, the stored codes decoded). LoRA targets then get
+W + scaling * B @ A in float32 (DoRA: magnitude * (W + sBA) / ||W + sBA||_row, as PEFT merges),
+and every tensor is cast to the output dtype. Nothing is re-quantized: the merged model is a
+plain 16/32-bit transformers checkpoint; `nibbletune quantize` makes a 4-bit one from it.
+
+`base_16bit` merges onto the original full-precision weights instead; the quantization error
+training compensated for is then missing from the result, and verification shows how much.
+
+The base is streamed one tensor at a time and the output written in bounded shards, into a
+staging directory that is verified (`verify.compare_merged`) and only then renamed to OUT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import FormatError, NibbletuneError
+from ..loading.safetensors_io import open_checkpoint
+from ..loading.surgery import select_linears
+from ..quant import from_bnb_state_dict, quantize
+from ..quant.bnb_format import bnb_state_keys, is_bnb_quantized
+from .adapter_files import check_adapter_fits, merged_lora_weight, read_adapter
+from .atomic import (
+    DEFAULT_SHARD_BYTES,
+    TOKENIZER_FILES,
+    ShardWriter,
+    check_output,
+    copy_if_present,
+    copy_tokenizer_files,
+    release_free_memory,
+    staged_output,
+    write_json,
+)
+from .quantize_checkpoint import build_skeleton, read_config_json
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class MergeReport:
+    """What `merge` wrote and how the verification went (None when skipped)."""
+
+    out: Path
+    dtype: str
+    merged_modules: int
+    output_bytes: int
+    base_16bit: bool
+    verification: object | None
+    quant_settings: dict
+
+
+def _linear_layout(module: nn.Module) -> tuple[tuple[int, int], bool]:
+    """((out, in), transposed): Conv1D keeps (in, out) on disk."""
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features), False
+    in_features, out_features = module.weight.shape
+    return (out_features, in_features), True
+
+
+def merge(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str | None = None,
+    base_16bit: str | os.PathLike | None = None,
+    quant_settings: dict | None = None,
+    verify: bool = True,
+    tolerance: float | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    trust_remote_code: bool = False,
+) -> MergeReport:
+    """Merge `adapter` into `base`, write a plain checkpoint to `out`, verify it, return a report.
+
+    `quant_settings` (quant_type, double_quant, blocksize, skip_modules) overrides what the
+    adapter recorded. Raises FormatError / AdapterMismatchError before anything is written when
+    the inputs do not fit, OutputExistsError for an existing `out`, VerificationError (after
+    removing the unverified output) when the merged model's logits are off.
+    """
+    base, out = Path(base), Path(out)
+    check_output(out, overwrite)
+    lora = read_adapter(adapter)
+    settings = lora.quant_settings()
+    overrides = {k: v for k, v in (quant_settings or {}).items() if v is not None}
+    if overrides:
+        settings.update(overrides, source="command line")
+    raw_config = read_config_json(base)
+    base_is_4bit = bool(raw_config.get("quantization_config"))
+    source = Path(base_16bit) if base_16bit else base
+    if base_16bit:
+        source_config = read_config_json(source)
+        if source_config.get("quantization_config"):
+            raise FormatError(f"{source}: --base-16bit must point to full-precision weights, not a 4-bit checkpoint")
+        raw_config = source_config
+    out_dtype_name = dtype or _default_dtype(raw_config)
+    if out_dtype_name not in OUTPUT_DTYPES:
+        raise NibbletuneError(f"dtype must be one of {sorted(OUTPUT_DTYPES)}, got {out_dtype_name!r}")
+    out_dtype = OUTPUT_DTYPES[out_dtype_name]
+
+    skeleton = build_skeleton(source, trust_remote_code)
+    linear_modules = {name: _linear_layout(m) for name, m in skeleton.named_modules()
+                      if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    check_adapter_fits(lora, {n: shape for n, (shape, _) in linear_modules.items()}, source)
+    # linears training ran in 4 bits from full-precision weights (a 4-bit base is decoded as stored)
+    trained_4bit = set() if base_16bit or base_is_4bit else set(select_linears(skeleton, settings["skip_modules"]))
+    checkpoint = open_checkpoint(source)
+    missing = [m for m in lora.modules if f"{m}.weight" not in checkpoint]
+    if missing:
+        raise FormatError(f"{source}: weight '{missing[0]}.weight' of an adapter target is missing from the checkpoint")
+
+    merged_count = 0
+    with staged_output(out, overwrite) as staging, checkpoint:
+        writer = ShardWriter(staging, max_shard_bytes)
+        aux = {k for key in checkpoint.infos if is_bnb_quantized(checkpoint, key)
+               for k in bnb_state_keys(key, checkpoint) if k != key}
+        for file in checkpoint.files:
+            keys = [k for k, info in checkpoint.infos.items() if info.file == file]
+            for key in keys:
+                if key in aux:
+                    continue  # absmax, quant_map, ... of a 4-bit weight: consumed with the weight
+                module_name = key.removesuffix(".weight")
+                weight = _base_tensor(checkpoint, key, module_name, linear_modules, trained_4bit, settings)
+                if module_name in lora.modules and key.endswith(".weight"):
+                    _, transposed = linear_modules[module_name]
+                    as_linear = weight.t() if transposed else weight
+                    merged = merged_lora_weight(as_linear, lora.modules[module_name], lora.scaling)
+                    weight = merged.t().contiguous() if transposed else merged
+                    merged_count += 1
+                writer.add(key, weight.to(out_dtype) if weight.is_floating_point() else weight)
+                del weight
+                release_free_memory()
+            checkpoint.close()
+        writer.close()
+        raw_config.pop("quantization_config", None)
+        raw_config["dtype"] = out_dtype_name
+        raw_config.pop("torch_dtype", None)
+        write_json(staging / "config.json", raw_config)
+        tokenizer_source = Path(adapter) if any((Path(adapter) / n).is_file() for n in TOKENIZER_FILES) else base
+        copy_tokenizer_files(tokenizer_source, staging)
+        copy_if_present(base, staging, ("generation_config.json",))
+        verification = None
+        if verify:
+            from .verify import check_merged
+
+            verification = check_merged(
+                base, adapter, staging, settings, out_dtype_name, base_16bit=bool(base_16bit),
+                base_is_4bit=base_is_4bit, tolerance=tolerance, trust_remote_code=trust_remote_code,
+            )
+        output_bytes = writer.total_bytes
+    return MergeReport(out, out_dtype_name, merged_count, output_bytes, bool(base_16bit), verification, settings)
+
+
+def _default_dtype(raw_config: dict) -> str:
+    name = raw_config.get("dtype") or raw_config.get("torch_dtype")
+    return name if name in OUTPUT_DTYPES else "bfloat16"
+
+
+def _base_tensor(checkpoint, key: str, module_name: str, linear_modules: dict, trained_4bit: set,
+                 settings: dict) -> torch.Tensor:
+    """The tensor `key` as the training run saw it (float32 for linear weights).
+
+    A stored 4-bit weight is decoded; a linear weight that training quantized is passed through
+    quantize -> dequantize with the training settings (in the linear (out, in) layout, as
+    `load_model` quantizes it); anything else is read as is.
+    """
+    if is_bnb_quantized(checkpoint, key):
+        entries = {k: checkpoint.get(k) for k in bnb_state_keys(key, checkpoint)}
+        try:
+            qt = from_bnb_state_dict(entries, key)
+        except FormatError as exc:
+            raise FormatError(f"{checkpoint.infos[key].file}: {exc}") from None
+        return qt.dequantize(torch.float32)
+    value = checkpoint.get(key)
+    if not value.is_floating_point():
+        return value
+    if key.endswith(".weight") and module_name in trained_4bit:
+        _, transposed = linear_modules[module_name]
+        as_linear = value.t().contiguous() if transposed else value
+        if as_linear.dtype not in _FLOAT_DTYPES:
+            as_linear = as_linear.float()
+        decoded = quantize(as_linear, settings["quant_type"], settings["blocksize"], settings["double_quant"])
+        restored = decoded.dequantize(torch.float32)
+        return restored.t().contiguous() if transposed else restored
+    if module_name in linear_modules and key.endswith(".weight"):
+        return value.float()  # a LoRA target may still need the float32 merge
+    return value  # cast straight to the output dtype: no float32 copy of embeddings or lm_head

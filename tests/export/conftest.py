@@ -1,0 +1,28 @@
+"""Fixtures for tests/export: one tiny Llama (+ tokenizer) and adapters, built once per session."""
+
+import pytest
+from export_helpers import make_adapter, save_model, tiny_llama, train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tokenizer):
+    """A float32 tiny Llama saved with its tokenizer."""
+    return save_model(tiny_llama(vocab_size=len(tokenizer)), tmp_path_factory.mktemp("base"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory, base_dir):
+    """A LoRA adapter on every linear of base_dir, with random nonzero B."""
+    return make_adapter(base_dir, tmp_path_factory.mktemp("adapters") / "lora")
+
+
+@pytest.fixture(scope="session")
+def dora_dir(tmp_path_factory, base_dir):
+    """A DoRA adapter on the attention projections of base_dir."""
+    return make_adapter(base_dir, tmp_path_factory.mktemp("adapters") / "dora", use_dora=True,
+                        targets=["q_proj", "v_proj", "down_proj"])
