@@ -1,0 +1,226 @@
+"""Training checkpoints: adapter + optimizer + scheduler + RNG + data position, without pickle.
+
+A checkpoint is a directory `output_dir/checkpoints/step-00000012/` holding
+
+* the adapter in PEFT format (`adapter_model.safetensors`, `adapter_config.json`, by `save_adapter`);
+* `trainer_state.safetensors`: every tensor of the optimizer state (`optimizer.<param index>.<name>`)
+  and the torch RNG states (`rng.torch`, `rng.cuda.<device>`);
+* `trainer_state.json`: step, data position, optimizer param groups and non-tensor state,
+  scheduler state, Python and NumPy RNG states, and the config of the run.
+
+It is written into a hidden temporary directory, fsynced, and renamed into place with
+`os.replace`, so a run killed at any moment leaves either the previous set of checkpoints or
+the new one, never a half-written directory that `latest_checkpoint` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import FormatError
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where a run is: optimizer steps done and micro-batches consumed from the data stream."""
+
+    step: int = 0
+    micro_batches: int = 0
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under output_dir/checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+             and (p / STATE_JSON).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> None:
+    """Delete temporary directories left by a run killed while writing a checkpoint."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(".tmp-") or path.name.startswith(".old-"):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON part, tensor part) of the Python, NumPy and torch RNG states."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    json_part = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = state
+    return json_part, tensors
+
+
+def set_rng_state(json_part: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = json_part["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = json_part["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+# ---------------------------------------------------------------------------- optimizer state
+
+
+def split_optimizer_state(state_dict: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """torch optimizer state_dict -> (JSON-able dict, flat tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for index, entry in state_dict["state"].items():
+        scalars[str(index)] = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[str(index)][name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
+              for group in state_dict["param_groups"]]
+    return {"param_groups": groups, "scalars": scalars}, tensors
+
+
+def join_optimizer_state(json_part: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    state: dict[int, dict] = {int(i): dict(values) for i, values in json_part["scalars"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in group.items()} for group in json_part["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(output_dir: str | Path, state: TrainState, model, settings, base_model: str,
+                    optimizer, scheduler, config_dict: dict, keep: int) -> Path:
+    """Write a checkpoint for `state.step` atomically; keep the newest `keep` (0 = all)."""
+    from ..loading.peft_adapter import save_adapter
+
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_adapter(model, tmp, settings, base_model)
+    optimizer_json, tensors = split_optimizer_state(optimizer.state_dict())
+    rng_json, rng_tensors = rng_state()
+    save_file({**tensors, **rng_tensors}, str(tmp / STATE_TENSORS))
+    meta = {
+        "format": FORMAT_VERSION,
+        "step": state.step,
+        "micro_batches": state.micro_batches,
+        "optimizer": optimizer_json,
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_json,
+        "config": config_dict,
+    }
+    (tmp / STATE_JSON).write_text(json.dumps(meta))
+    _fsync_tree(tmp)
+    if final.exists():  # same step saved twice (e.g. interrupt right after a periodic save)
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    if keep > 0:
+        for stale in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        meta = json.loads((path / STATE_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: not a nibbletune checkpoint ({exc})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise FormatError(f"{path / STATE_JSON}: format {meta.get('format')!r} unknown (expected {FORMAT_VERSION})")
+    return meta
+
+
+def restore_adapter_weights(model, path: Path) -> None:
+    """Copy the adapter tensors of a checkpoint into the model's existing LoRA layers, exactly."""
+    from ..loading.peft_adapter import KEY_PREFIX, WEIGHTS_NAME
+    from ..modules import lora_layers
+
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    with torch.no_grad():
+        for module_path, layer in lora_layers(model).items():
+            for name, param in layer.adapter_state_dict().items():
+                key = f"{KEY_PREFIX}{module_path}.{name}"
+                if key not in tensors or tensors[key].shape != param.shape:
+                    raise FormatError(f"{path / WEIGHTS_NAME}: no tensor '{key}' of shape {list(param.shape)}")
+                param.copy_(tensors[key])
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler and RNG from a checkpoint; return the state."""
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    restore_adapter_weights(model, path)
+    tensors = load_file(str(path / STATE_TENSORS))
+    optimizer.load_state_dict(join_optimizer_state(meta["optimizer"], tensors))
+    scheduler.load_state_dict(meta["scheduler"])
+    set_rng_state(meta["rng"], tensors)
+    return TrainState(step=meta["step"], micro_batches=meta["micro_batches"])

@@ -1,0 +1,250 @@
+"""The training config: typed pydantic models, read from YAML with `--set key=value` overrides.
+
+Every field has a description; `nibbletune train --help` prints them (see `describe_keys`).
+Unknown keys, wrong types and impossible values are refused before any work, as one
+`ConfigError` line naming the dotted key and what is allowed. Checks that need the model's
+own config (sequence length against `max_position_embeddings`) run in `check_against_model`
+as soon as that config is read, still before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import NibbletuneError
+
+
+class ConfigError(NibbletuneError, ValueError):
+    """A training config key that is unknown, of the wrong type, or out of its allowed range."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the examples come from."""
+
+    path: str = Field(description="training file (jsonl, json, csv, parquet) or a directory of them")
+    eval_path: str | None = Field(None, description="held-out file for eval loss and perplexity; none to skip eval")
+    format: Literal["auto", "text", "completion", "alpaca", "chat"] = Field(
+        "auto", description="record layout; auto detects it from the columns")
+
+
+class QuantConfig(_Section):
+    """How the frozen base weights are stored."""
+
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit code book")
+    double_quant: bool = Field(True, description="quantize the per-block absmax values to 8 bits too")
+    blocksize: Literal[64, 128, 256, 512, 1024, 2048, 4096] = Field(
+        64, description="weights per absmax scale")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of activations and dequantized weights; auto = bf16 on CUDA or CPUs with "
+        "native bf16, else float32")
+
+
+class LoraConfig(_Section):
+    """The trainable low-rank adapters."""
+
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: the update is (alpha / r) * B A")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="linear names to adapt (e.g. [q_proj, v_proj]) or all-linear")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA) magnitude vector")
+    init: Literal["default", "gaussian", "loftq"] = Field(
+        "default", description="adapter initialisation: default (Kaiming A, zero B), gaussian, loftq")
+
+
+class TrainSection(_Section):
+    """The optimisation loop."""
+
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps to run (give this or epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the training data (give this or max_steps)")
+    micro_batch_size: int = Field(4, gt=0, description="sequences per forward pass")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    seq_len: int = Field(512, gt=1, description="tokens per sequence (truncated or packed to this)")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate decay after warmup (to 0 for cosine and linear)")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from 0 to lr")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled (AdamW) weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 disables")
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw"] = Field(
+        "adamw", description="adamw; adamw8bit (blockwise 8-bit states); paged_adamw (states in a file, "
+        "paged per step)")
+    packing: bool = Field(False, description="pack several examples into each sequence")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    seed: int = Field(0, description="seed for adapter init, dropout and data order")
+    eval_every: int = Field(0, ge=0, description="steps between eval-loss runs (and at the end); 0 = only at the end")
+    save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only on interrupt")
+    log_every: int = Field(1, gt=0, description="steps between metrics.jsonl lines")
+    keep_checkpoints: int = Field(3, ge=0, description="newest checkpoints kept; 0 keeps all")
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSection:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of train.max_steps and train.epochs")
+        return self
+
+
+class TrainConfig(_Section):
+    """A whole fine-tuning run."""
+
+    model: str = Field(description="base model: a transformers safetensors directory")
+    data: DataConfig = Field(description="training and eval data")
+    output_dir: str = Field(description="where the adapter, checkpoints and metrics go")
+    quant: QuantConfig = Field(default_factory=QuantConfig, description="4-bit storage of the base")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="adapters")
+    train: TrainSection = Field(description="optimisation loop")
+
+
+def _one_line(exc: ValidationError, source: str) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section = _section_at(error["loc"][:-1])
+        allowed = ", ".join(section.model_fields) if section else "?"
+        return f"{source}: unknown key '{key}' (allowed here: {allowed})"
+    if error["type"] == "missing":
+        return f"{source}: missing key '{key}'"
+    message = error["msg"]
+    if error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+        return f"{source}: {message}" if not key else f"{source}: '{key}': {message}"
+    got = error.get("input")
+    return f"{source}: '{key}' {message[0].lower()}{message[1:]} (got {got!r})"
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-4' -> (['train', 'lr'], 1e-4); the value is read as a YAML scalar."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected a dotted key such as train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {item!r}: value is not a YAML scalar") from None
+    if isinstance(value, str):
+        value = _number_or_text(value)
+    return key.split("."), value
+
+
+def _number_or_text(text: str) -> Any:
+    """YAML 1.1 reads '1e-4' as text; read such strings as numbers."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each 'dotted.key=value' in a nested dict (sections are created as needed)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
+    """Validate a nested dict as a TrainConfig, raising a one-line ConfigError."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    _numbers_in_place(raw)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, source)) from None
+
+
+def _numbers_in_place(node: dict) -> None:
+    for key, value in node.items():
+        if isinstance(value, dict):
+            _numbers_in_place(value)
+        elif isinstance(value, str) and key in _FLOAT_KEYS:
+            node[key] = _number_or_text(value)
+
+
+_FLOAT_KEYS = {"lr", "weight_decay", "max_grad_norm", "alpha", "dropout", "epochs"}
+
+
+def load_config(yaml_path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start empty when None), apply overrides, validate."""
+    raw: dict = {}
+    source = "config"
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        source = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: invalid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source)
+
+
+def check_against_model(config: TrainConfig, model_config) -> None:
+    """Checks that need the base model's config: sequence length and adapter targets."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and config.train.seq_len > limit:
+        raise ConfigError(
+            f"'train.seq_len' is {config.train.seq_len} but the model allows at most {limit} "
+            "(max_position_embeddings)"
+        )
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the config as YAML (the form `load_config` reads)."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field, for --help and docs."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((f"{prefix}{name}", default, field.description or ""))
+
+    walk(TrainConfig, "")
+    return rows

@@ -1,0 +1,377 @@
+"""The one training loop behind `nibbletune train` and `nibbletune quickstart`.
+
+Per optimizer step: `grad_accum` micro-batches, each a forward pass and a backward of its
+share of the step's loss. The loss of a step is the mean cross-entropy over every trained
+token of all its micro-batches (sum over tokens / trained tokens of the whole step), so
+accumulating 4 x 2 sequences gives the gradient of one batch of 8, whatever the padding.
+Then: a NaN/inf check (the run stops before the weights are touched), gradient clipping,
+the optimizer and scheduler steps, then logging, eval and checkpoints as configured.
+
+Determinism: the adapters are initialised right after seeding; the data order of epoch e is a
+permutation drawn from its own generator seeded with (seed, e); dropout draws from the
+global torch RNG, which checkpoints save and restore. A resumed run therefore repeats the
+uninterrupted one step for step on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..devices import resolve_compute_dtype
+from ..errors import NibbletuneError
+from .checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_meta,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from .config import ConfigError, TrainConfig, check_against_model, save_config
+from .metrics import MetricsLog, format_postfix, peak_memory_bytes, plot_loss_curve, progress_bar
+from .optim import build_optimizer
+from .schedule import build_scheduler
+
+IGNORE_INDEX = -100
+
+
+class TrainingDiverged(NibbletuneError, RuntimeError):
+    """The loss or gradient became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (or a hook) stopped the run after a checkpoint was saved."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainHooks:
+    """Optional callbacks: `on_model(model)` once the adapters are in place; `on_step(trainer, record)`
+    after each optimizer step (may call `trainer.request_stop()`)."""
+
+    on_model: Callable | None = None
+    on_step: Callable | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    output_dir: Path
+    wall_seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class BatchStream:
+    """Micro-batches in a seeded per-epoch order; `position` counts micro-batches handed out."""
+
+    def __init__(self, examples: list, micro_batch_size: int, seed: int, pad_token_id: int, position: int = 0):
+        self.examples = examples
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.pad_token_id = pad_token_id
+        self.per_epoch = math.ceil(len(examples) / micro_batch_size)
+        self.position = position
+        self._order_epoch, self._order = -1, None
+
+    def next(self) -> dict[str, torch.Tensor]:
+        from ..data import collate
+
+        epoch, index = divmod(self.position, self.per_epoch)
+        if epoch != self._order_epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order, self._order_epoch = torch.randperm(len(self.examples), generator=generator).tolist(), epoch
+        chosen = self._order[index * self.micro_batch_size:(index + 1) * self.micro_batch_size]
+        self.position += 1
+        return collate([self.examples[i] for i in chosen], self.pad_token_id)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over trained positions (labels are unshifted, HF style)."""
+    shifted_logits = logits[:, :-1, :].float()            # (B, T-1, V)
+    shifted_labels = labels[:, 1:]                         # (B, T-1)
+    return torch.nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def trained_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _model_inputs(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+@torch.no_grad()
+def evaluate(model, examples: list, micro_batch_size: int, pad_token_id: int, device, autocast) -> float:
+    """Mean next-token loss over every trained token of `examples`."""
+    from ..data import collate
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), micro_batch_size):
+        batch = collate(examples[start:start + micro_batch_size], pad_token_id)
+        with autocast():
+            logits = model(**_model_inputs(batch, device)).logits
+        total += float(token_loss_sum(logits, batch["labels"].to(device)))
+        count += trained_tokens(batch["labels"])
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _autocast_factory(device: torch.device, dtype: torch.dtype):
+    if dtype in (torch.bfloat16, torch.float16):
+        return lambda: torch.autocast(device.type, dtype=dtype)
+    return nullcontext
+
+
+def lora_settings(config: TrainConfig):
+    from ..modules import LoraSettings
+
+    lora = config.lora
+    return LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                        use_rslora=lora.use_rslora, use_dora=lora.use_dora, init=lora.init)
+
+
+def prepare_model(config: TrainConfig, device: torch.device):
+    """Load the 4-bit base and put the seeded adapters in place; returns (model, settings)."""
+    from ..loading import load_model
+    from ..modules import apply_lora
+
+    model = load_model(config.model, quant_type=config.quant.type, double_quant=config.quant.double_quant,
+                       blocksize=config.quant.blocksize, compute_dtype=config.quant.compute_dtype)
+    settings = lora_settings(config)
+    seed_everything(config.train.seed)
+    targets = apply_lora(model, settings)
+    if not targets:
+        raise ConfigError(f"'lora.target_modules' {config.lora.target_modules!r} matches no linear layer of the model")
+    model.to(device)
+    if config.train.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    model.train()
+    return model, settings
+
+
+def total_steps(config: TrainConfig, num_examples: int) -> int:
+    if config.train.max_steps is not None:
+        return config.train.max_steps
+    per_epoch = math.ceil(num_examples / config.train.micro_batch_size)
+    return max(1, math.ceil(config.train.epochs * per_epoch / config.train.grad_accum))
+
+
+class Trainer:
+    """State of one run; `run()` executes it. Build through `train()`."""
+
+    def __init__(self, config: TrainConfig, resume: str | None = None, progress: bool = True,
+                 hooks: TrainHooks | None = None):
+        self.config, self.resume, self.progress = config, resume, progress
+        self.hooks = hooks or TrainHooks()
+        self._stop_requested = False
+
+    def request_stop(self) -> None:
+        """Save a checkpoint after the current step and stop (what SIGINT does)."""
+        self._stop_requested = True
+
+    def _setup(self) -> None:
+        from ..data import build_dataset
+        from ..loading import load_config as load_model_config
+        from ..loading import load_tokenizer
+
+        config = self.config
+        self.output_dir = Path(config.output_dir)
+        check_against_model(config, load_model_config(Path(config.model)))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.compute_dtype = resolve_compute_dtype(config.quant.compute_dtype, self.device)
+        self.autocast = _autocast_factory(self.device, self.compute_dtype)
+        self.tokenizer = load_tokenizer(config.model)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        build = dict(tokenizer=self.tokenizer, seq_len=config.train.seq_len, format=config.data.format,
+                     packing=config.train.packing)
+        self.train_data = build_dataset(config.data.path, **build)
+        if not self.train_data.examples:
+            raise ConfigError(f"'data.path' {config.data.path}: no training examples")
+        self.eval_data = build_dataset(config.data.eval_path, **build) if config.data.eval_path else None
+        for dataset, name in ((self.train_data, "data.path"), (self.eval_data, "data.eval_path")):
+            for warning in getattr(dataset, "warnings", None) or []:
+                print(f"nibbletune train: warning ({name}): {warning}", file=sys.stderr)
+        self.resume_from = self._resolve_resume()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.output_dir)
+        save_config(config, self.output_dir / "config.yaml")
+        self.model, self.settings = prepare_model(config, self.device)
+        if self.hooks.on_model:
+            self.hooks.on_model(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.total_steps = total_steps(config, len(self.train_data.examples))
+        self.optimizer = build_optimizer(config.train.optimizer, self.params, config.train.lr,
+                                         config.train.weight_decay, paged_dir=str(self.output_dir))
+        self.scheduler = build_scheduler(self.optimizer, self.total_steps, config.train.warmup_steps,
+                                         config.train.scheduler)
+        self.state = TrainState()
+        if self.resume_from is not None:
+            self.state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler)
+            self.model.train()
+        self.batches = BatchStream(self.train_data.examples, config.train.micro_batch_size, config.train.seed,
+                                   self.pad_token_id, position=self.state.micro_batches)
+        self.last_checkpoint = self.resume_from
+
+    def _resolve_resume(self) -> Path | None:
+        if not self.resume:
+            return None
+        path = latest_checkpoint(self.config.output_dir) if self.resume == "auto" else Path(self.resume)
+        if path is None:
+            raise ConfigError(f"--resume: no checkpoint under {Path(self.config.output_dir) / 'checkpoints'}")
+        meta = read_checkpoint_meta(path)
+        saved = meta.get("config", {})
+        for key in ("model", "quant", "lora"):
+            if saved.get(key) != self.config.model_dump(mode="json")[key]:
+                raise ConfigError(f"--resume {path}: '{key}' differs from the checkpoint's run; it must not change")
+        return path
+
+    def _save(self) -> Path:
+        path = save_checkpoint(self.output_dir, self.state, self.model, self.settings, self.config.model,
+                               self.optimizer, self.scheduler, self.config.model_dump(mode="json"),
+                               self.config.train.keep_checkpoints)
+        self.last_checkpoint = path
+        return path
+
+    def _step(self) -> tuple[float, float, int]:
+        """One optimizer step; returns (loss, grad_norm, input tokens)."""
+        micro = [self.batches.next() for _ in range(self.config.train.grad_accum)]
+        step_tokens = max(1, sum(trained_tokens(b["labels"]) for b in micro))
+        loss_total = torch.zeros((), dtype=torch.float64)
+        input_tokens = 0
+        for batch in micro:
+            labels = batch["labels"].to(self.device)
+            with self.autocast():
+                logits = self.model(**_model_inputs(batch, self.device)).logits
+            loss = token_loss_sum(logits, labels) / step_tokens
+            loss.backward()
+            loss_total += loss.detach().double().cpu()
+            mask = batch.get("attention_mask")
+            input_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        loss_value = float(loss_total)
+        step = self.state.step + 1
+        if not math.isfinite(loss_value):
+            self._diverged(f"loss is {loss_value} at step {step}")
+        max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(grad_norm):
+            self._diverged(f"gradient norm is {grad_norm} at step {step} (loss {loss_value:.4f})")
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step = step
+        self.state.micro_batches = self.batches.position
+        return loss_value, grad_norm, input_tokens
+
+    def _diverged(self, what: str) -> None:
+        kept = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved"
+        raise TrainingDiverged(f"{what}; stopped before updating the weights ({kept}; try a lower train.lr)")
+
+    def _install_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._stop_requested:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            print("\nnibbletune train: interrupt received, saving a checkpoint after this step "
+                  "(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> TrainResult:
+        started = time.perf_counter()
+        self._setup()
+        config = self.config.train
+        metrics = MetricsLog(self.output_dir, resume_step=self.state.step)
+        bar = progress_bar(self.total_steps, self.state.step, self.progress)
+        previous_handler = self._install_sigint()
+        losses: list[float] = []
+        eval_loss = None
+        try:
+            while self.state.step < self.total_steps:
+                step_started = time.perf_counter()
+                loss, grad_norm, tokens = self._step()
+                seconds = time.perf_counter() - step_started
+                losses.append(loss)
+                record = {"step": self.state.step, "loss": loss, "lr": self.step_lr,
+                          "grad_norm": grad_norm, "tokens_per_s": tokens / max(seconds, 1e-9),
+                          "peak_mem_bytes": peak_memory_bytes(self.device)}
+                last = self.state.step == self.total_steps
+                if self.eval_data is not None and ((config.eval_every and self.state.step % config.eval_every == 0)
+                                                   or last):
+                    eval_loss = evaluate(self.model, self.eval_data.examples, config.micro_batch_size,
+                                         self.pad_token_id, self.device, self.autocast)
+                    record["eval_loss"] = eval_loss
+                    record["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
+                if self.state.step % config.log_every == 0 or last or "eval_loss" in record:
+                    metrics.write(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(format_postfix(loss, record["tokens_per_s"], record["peak_mem_bytes"]))
+                if self.hooks.on_step:
+                    self.hooks.on_step(self, record)
+                if config.save_every and self.state.step % config.save_every == 0 and not last:
+                    self._save()
+                if self._stop_requested and not last:
+                    path = self._save()
+                    message = (f"interrupted at step {self.state.step}; checkpoint saved to {path} "
+                               f"(continue with --resume)")
+                    print(f"nibbletune train: {message}", file=sys.stderr, flush=True)
+                    raise TrainingInterrupted(message, path)
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+            if bar is not None:
+                bar.close()
+            metrics.close()
+        self._finish()
+        return TrainResult(steps=self.state.step, final_loss=losses[-1] if losses else None, eval_loss=eval_loss,
+                           output_dir=self.output_dir, wall_seconds=time.perf_counter() - started, losses=losses)
+
+    def _finish(self) -> None:
+        from ..loading.peft_adapter import save_adapter
+
+        save_adapter(self.model, self.output_dir, self.settings, self.config.model)
+        plot_loss_curve(self.output_dir)
+
+
+def train(config: TrainConfig, resume: str | None = None, progress: bool = True,
+          hooks: TrainHooks | None = None) -> TrainResult:
+    """Run a fine-tuning job; `resume` is "auto" (latest checkpoint in output_dir) or a checkpoint path."""
+    return Trainer(config, resume=resume, progress=progress, hooks=hooks).run()

@@ -1,0 +1,110 @@
+"""The training loop on a tiny seeded model: golden losses, resume equality, NaN stop, optimizers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from nibbletune.train import TrainHooks, TrainingDiverged, TrainingInterrupted, load_config, train
+from nibbletune.train.checkpoint import list_checkpoints
+from nibbletune.train.metrics import read_metrics
+
+# Recorded on the tiny base of train_helpers (Llama h64/2 layers, BPE 300, seed 7), CPU float32.
+GOLDEN_LOSSES = [5.706679821014404, 5.667351245880127, 5.642546653747559, 5.6035802364349365,
+                 5.524411916732788, 5.494730710983276]
+
+
+def run(config_path, **kwargs):
+    return train(load_config(config_path), progress=False, **kwargs)
+
+
+def losses(output_dir):
+    return [record["loss"] for record in read_metrics(output_dir)]
+
+
+def test_smoke_golden_losses(make_config):
+    config_path, output_dir = make_config("golden")
+    result = run(config_path)
+    records = read_metrics(output_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes"} <= set(records[0])
+    assert "eval_loss" in records[2] and "eval_loss" in records[5] and "eval_loss" not in records[0]
+    assert records[0]["lr"] == pytest.approx(5e-3 / 2)  # warmup: step 0 of 1 -> half the peak
+    assert result.losses[-1] < result.losses[0]
+    assert math.isfinite(result.eval_loss)
+    assert (output_dir / "adapter_model.safetensors").is_file() and (output_dir / "adapter_config.json").is_file()
+    if GOLDEN_LOSSES is not None:
+        assert result.losses == pytest.approx(GOLDEN_LOSSES, rel=2e-4)
+    again = run(make_config("golden_again")[0])
+    assert again.losses == result.losses  # seeded and deterministic on CPU
+
+
+def test_resume_repeats_the_uninterrupted_run(make_config):
+    reference_path, reference_dir = make_config("whole", max_steps=8, save_every=0, eval_every=0)
+    run(reference_path)
+    path, output_dir = make_config("pieces", max_steps=8, save_every=2, eval_every=0, keep_checkpoints=2)
+
+    def stop_at_5(trainer, record):
+        if record["step"] == 5:
+            trainer.request_stop()
+
+    with pytest.raises(TrainingInterrupted) as info:
+        run(path, hooks=TrainHooks(on_step=stop_at_5))
+    assert info.value.checkpoint.name == "step-00000005"
+    assert [p.name for p in list_checkpoints(output_dir)] == ["step-00000004", "step-00000005"]
+    run(path, resume="auto")
+    assert losses(output_dir) == losses(reference_dir)
+    assert [r["step"] for r in read_metrics(output_dir)] == list(range(1, 9))
+
+
+def test_other_optimizers_train(make_config):
+    reference = run(make_config("adamw", max_steps=4, eval_every=0)[0])
+    paged = run(make_config("paged", max_steps=4, eval_every=0, optimizer="paged_adamw")[0])
+    assert paged.losses == reference.losses
+    eight_bit = run(make_config("eight_bit", max_steps=4, eval_every=0, optimizer="adamw8bit")[0])
+    assert eight_bit.losses == pytest.approx(reference.losses, rel=2e-2)
+    assert eight_bit.losses[-1] < eight_bit.losses[0]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(make_config):
+    path, output_dir = make_config("nan", max_steps=10, save_every=2, eval_every=0)
+    calls = {"forward": 0}
+
+    def poison(model):
+        def hook(module, inputs, output):
+            calls["forward"] += 1
+            if calls["forward"] > 2 * 5:  # grad_accum 2: forward 11 is step 6
+                output.logits = output.logits * float("nan")
+            return output
+
+        model.register_forward_hook(hook)
+
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 6.*step-00000004"):
+        run(path, hooks=TrainHooks(on_model=poison))
+    assert [p.name for p in list_checkpoints(output_dir)] == ["step-00000002", "step-00000004"]
+    assert [r["step"] for r in read_metrics(output_dir)] == [1, 2, 3, 4, 5]
+    assert not (output_dir / "adapter_model.safetensors").exists()
+    state = json.loads((output_dir / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+
+
+def test_gradient_checkpointing_same_losses(make_config):
+    plain = run(make_config("plain", max_steps=2, eval_every=0)[0])
+    checkpointed = run(make_config("ckpt", max_steps=2, eval_every=0, gradient_checkpointing=True)[0])
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_checkpoint_has_no_pickle(make_config):
+    path, output_dir = make_config("nopickle", max_steps=2, save_every=1, eval_every=0)
+    run(path)
+    files = sorted(p.name for p in list_checkpoints(output_dir)[-1].iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "trainer_state.json",
+                     "trainer_state.safetensors"]
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(list_checkpoints(output_dir)[-1] / "trainer_state.safetensors"))
+    assert "rng.torch" in tensors and any(k.endswith(".exp_avg_sq") for k in tensors)
+    assert torch.is_tensor(tensors["rng.torch"])
