@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from train_helpers import build_tiny_base, make_rows, write_config, write_jsonl  # noqa: E402
+from train_helpers import build_tiny_base, make_rows, write_config, write_jsonl
 
 # Tiny models: one thread is faster than two fighting over small matmuls, and the same in subprocesses.
 torch.set_num_threads(1)

@@ -14,7 +14,7 @@ from nibbletune.train import load_config, train
 from nibbletune.train.checkpoint import list_checkpoints, read_checkpoint_meta
 from nibbletune.train.metrics import read_metrics
 
-ENDLESS = dict(max_steps=100_000, scheduler="constant", warmup_steps=0, eval_every=0, log_every=1)
+ENDLESS = {"max_steps": 100_000, "scheduler": "constant", "warmup_steps": 0, "eval_every": 0, "log_every": 1}
 
 
 def start(config_path, *extra):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import yaml
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
-         "tau upsilon phi chi psi omega red green blue cyan magenta yellow black white").split()
+GREEK = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon"
+WORDS = (*GREEK.split(" "), "phi", "chi", "psi", "omega", "red", "green", "blue", "cyan", "magenta", "yellow",
+         "black", "white")
 
 
 def make_rows(count: int, seed: int) -> list[dict]:

@@ -21,10 +21,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -216,8 +216,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.model)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        build = dict(tokenizer=self.tokenizer, seq_len=config.train.seq_len, format=config.data.format,
-                     packing=config.train.packing)
+        build = {"tokenizer": self.tokenizer, "seq_len": config.train.seq_len, "format": config.data.format,
+                 "packing": config.train.packing}
         self.train_data = build_dataset(config.data.path, **build)
         if not self.train_data.examples:
             raise ConfigError(f"'data.path' {config.data.path}: no training examples")

@@ -43,7 +43,7 @@ class MetricsLog:
         self.path = Path(output_dir) / METRICS_FILE
         kept = [r for r in read_metrics(output_dir) if r.get("step", 0) <= resume_step] if resume_step else []
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._handle = open(self.path, "a")
+        self._handle = open(self.path, "a")  # noqa: SIM115 (open for the whole run, closed in close())
         self._writer = _tensorboard_writer(Path(output_dir) / "tensorboard") if tensorboard else None
 
     def write(self, record: dict) -> None:

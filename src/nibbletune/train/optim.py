@@ -61,7 +61,7 @@ def _adamw_update(param, grad, exp_avg, exp_avg_sq, step: float, lr, beta1, beta
 
 class _AdamBase(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
 
 # ---------------------------------------------------------------------------- 8-bit states
@@ -145,7 +145,7 @@ class PagedAdamW(_AdamBase):
                  budget_bytes: int = 64 * 2**20, directory: str | None = None):
         super().__init__(params, lr, betas, eps, weight_decay)
         self.piece_numel = max(1024, (budget_bytes // 8) // 1024 * 1024)
-        self._file = tempfile.TemporaryFile(dir=directory, prefix="nibbletune-paged-adamw-")
+        self._file = tempfile.TemporaryFile(dir=directory, prefix="nibbletune-paged-adamw-")  # noqa: SIM115 (lives with the optimizer)
         self._offsets: dict[int, int] = {}
         offset = 0
         for group in self.param_groups:
@@ -247,5 +247,4 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-__all__ = ["AdamW8bit", "PagedAdamW", "build_optimizer", "quantize_8bit", "dequantize_8bit",
-           "optimizer_state_bytes"]
+__all__ = ["AdamW8bit", "PagedAdamW", "build_optimizer", "dequantize_8bit", "optimizer_state_bytes", "quantize_8bit"]

@@ -176,12 +176,15 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", steps: int = 120,
 
 
 def print_report(result: QuickstartResult, eval_count: int) -> None:
-    ppl = lambda loss: math.exp(min(loss, 50))  # noqa: E731
+    def ppl(loss: float) -> float:
+        return math.exp(min(loss, 50))
+
+    loss_line = (f"held-out loss  before {result.loss_before:.3f} (ppl {ppl(result.loss_before):.1f})  ->  "
+                 f"after {result.loss_after:.3f} (ppl {ppl(result.loss_after):.1f})")
     lines = [
         "",
         f"task: docstring -> def line; {eval_count} held-out functions from held-out stdlib files",
-        f"held-out loss  before {result.loss_before:.3f} (ppl {ppl(result.loss_before):.1f})  ->  "
-        f"after {result.loss_after:.3f} (ppl {ppl(result.loss_after):.1f})",
+        loss_line,
         "",
         "held-out prompt:",
         *("    " + line for line in result.sample_prompt.rstrip("\n").splitlines()),
