@@ -8,7 +8,11 @@ tokens; compute dtype `auto` (float32 on CPUs without native bf16). Columns:
 * transformers + bitsandbytes + PEFT: 4-bit NF4 (double quant) base, LoRA r=16 on every
   linear, AdamW, a full step (forward, backward, optimizer);
 * nibbletune: `load_model` (NF4, double quant) + `apply_lora` r=16 on every linear, the
-  training loop's loss (`token_loss_sum`), AdamW, a full step.
+  training loop's loss (`token_loss_sum`), AdamW, a full step;
+* nibbletune LoRA on the unquantized base: the same, with the frozen weights kept in the
+  compute dtype, so the difference to the column above is the price of 4-bit storage.
+
+LoRA dropout is 0.05 in every adapter column (`--dropout` changes it).
 
 Each column gets 2 warm-up steps; then the columns take turns, one timed step each per round
 (so a change in machine load hits every column alike), and each reports its median.
@@ -72,6 +76,7 @@ def adamw_step_fn(model, input_ids, loss_fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of every adapter column")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
@@ -84,7 +89,8 @@ def main() -> None:
     dtype = resolve_compute_dtype("auto")
     print(f"CPU: {platform.processor() or platform.machine()}; SIMD flags: {simd_summary()}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; compute dtype {dtype}")
-    print(f"model: Llama h512 x 4 layers, vocab 4096; batch {BATCH} x {SEQ} tokens; LoRA r=16 on all linears")
+    print(f"model: Llama h512 x 4 layers, vocab 4096; batch {BATCH} x {SEQ} tokens; "
+          f"LoRA r=16 on all linears, dropout {args.dropout}")
     config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=8, vocab_size=4096, max_position_embeddings=512,
                          tie_word_embeddings=False)
@@ -106,7 +112,7 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 base = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization,
                                                             device_map="cpu", dtype=dtype)
-                peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
                                                              target_modules="all-linear"))
             peft_model.train()
             step = adamw_step_fn(peft_model, input_ids, lambda m, ids: m(input_ids=ids, labels=ids).loss)
@@ -114,14 +120,16 @@ def main() -> None:
         except ImportError as exc:
             print(f"(transformers+bitsandbytes+PEFT column skipped: {exc})")
 
-        model = load_model(directory, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype="auto")
-        apply_lora(model, LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="all-linear"))
-        model.train()
-
         def nibbletune_loss(m, ids):
             return token_loss_sum(m(input_ids=ids).logits, ids) / (ids.shape[0] * (ids.shape[1] - 1))
 
-        columns["nibbletune QLoRA"] = adamw_step_fn(model, input_ids, nibbletune_loss)
+        lora = LoraSettings(r=16, alpha=32, dropout=args.dropout, target_modules="all-linear")
+        model = load_model(directory, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype="auto")
+        apply_lora(model, lora)
+        columns["nibbletune QLoRA"] = adamw_step_fn(model.train(), input_ids, nibbletune_loss)
+        unquantized = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        apply_lora(unquantized, lora)
+        columns["nibbletune LoRA, unquantized base"] = adamw_step_fn(unquantized.train(), input_ids, nibbletune_loss)
         results = time_round_robin(columns, args.steps)
 
     floor = next(iter(results.values()))
@@ -131,6 +139,8 @@ def main() -> None:
     if "transformers+bitsandbytes+PEFT QLoRA" in results:
         ratio = results["transformers+bitsandbytes+PEFT QLoRA"] / results["nibbletune QLoRA"]
         print(f"\nnibbletune is {ratio:.2f}x the speed of transformers+bitsandbytes+PEFT on this machine")
+    overhead = results["nibbletune QLoRA"] / results["nibbletune LoRA, unquantized base"] - 1
+    print(f"4-bit storage costs nibbletune {overhead * 100:+.1f}% over LoRA on the unquantized base")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from lora_oracles import (
 )
 from nibbletune.errors import NibbletuneError
 from nibbletune.modules import LinearNF4, LoraLinear
+from nibbletune.modules.dropout import draw_seed, dropout_mask
 
 # bf16 tolerance: one bf16 rounding of values of order 1, and gradients summed over a few rows.
 PEFT_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
@@ -100,13 +101,24 @@ def test_low_precision_compute_dtypes(dtype):
     assert x.grad.dtype == torch.float32 and ours.lora_A.weight.grad.dtype == torch.float32
 
 
+class HashedDropout(nn.Module):
+    """nn.Dropout's role with nibbletune's mask, drawing its seed exactly as LoraLinear does."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x * dropout_mask(x.shape, self.p, draw_seed(), x.dtype, x.device) if self.training else x
+
+
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_dropout_matches_peft(variant):
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("peft")
     ours = _lora(dropout=0.3, **VARIANTS[variant])
     model, theirs = peft_twin(ours)
-    theirs.lora_dropout["default"] = nn.Dropout(0.3)
+    theirs.lora_dropout["default"] = HashedDropout(0.3)  # PEFT's layer math with our dropout mask
     ours.train(), model.train()
     x = torch.randn(4, 128)
     torch.manual_seed(7)

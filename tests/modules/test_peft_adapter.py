@@ -124,7 +124,8 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path):
     out.mkdir()
     (out / "README.md").write_text("keep me")
     save_adapter(ours, out, settings)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "nibbletune.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp dir left behind
     with pytest.raises(NibbletuneError, match="no LoRA layers"):
         save_adapter(_tiny_llama(), tmp_path / "empty", settings)

@@ -7,9 +7,11 @@ Names and numerics follow PEFT so adapters move between the two unchanged:
 The LoRA branch runs in the adapter dtype (float32 by default) on the input cast to that
 dtype, and its output is cast to the base output's dtype before the sum, as PEFT does.
 
-Gradients of the LoRA branch are plain autograd through two nn.Linear calls. With u = A x
-and g = dL/dy: dL/dB = scaling * g^T u, dL/dA = scaling * (B^T g)^T x, dL/dx gets
-scaling * A^T B^T g on top of the base layer's g @ W.
+In eager mode a plain LoRA layer runs as one autograd op, `LoraLinearFunction`
+(`lora_function.py`, which derives the gradients); dropout is the hashed dropout of
+`dropout.py` (a mask recomputed from a per-call seed). DoRA and code traced by torch.compile
+take the composable path below: nn.Linear calls and plain autograd, with nn.Dropout under
+torch.compile.
 
 DoRA (use_dora=True) re-scales each output row of W' = W + scaling * B A to a learned length m
 (`lora_magnitude_vector`, shape [out]). With n = ||W'||_row computed from a detached B A and
@@ -31,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NibbletuneError
+from .dropout import apply_dropout, draw_seed
 from .linear_nf4 import LinearNF4, _NF4LinearFunction
+from .lora_function import LoraLinearFunction
 
 INITS = ("default", "gaussian", "loftq")
 
@@ -159,14 +163,46 @@ class LoraLinear(nn.Module):
             return weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_dora and not torch.compiler.is_compiling():
+            return self._fused_forward(x)
         base_in = x.to(self.base.weight.dtype) if isinstance(self.base, nn.Linear) else x
         result = self.base(base_in)
         adapter_dtype = self.lora_A.weight.dtype
         x = x.to(adapter_dtype)
         if not self.use_dora:
-            lora_out = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            lora_out = self.lora_B(self.lora_A(self._dropout(x))) * self.scaling
             return result + lora_out.to(result.dtype)
         return (result + self._dora_term(x, result)).to(result.dtype)  # PEFT adds in float32, then casts
+
+    def _dropout_p(self) -> float:
+        return self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Hashed dropout (`dropout.py`) in eager mode; nn.Dropout when torch.compile traces."""
+        p = self._dropout_p()
+        if p == 0.0:
+            return x
+        if torch.compiler.is_compiling():
+            return self.lora_dropout(x)
+        return apply_dropout(x.contiguous(), p, draw_seed())
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole layer as one autograd op (`lora_function.py`): same result, fewer passes."""
+        p = self._dropout_p()
+        seed = draw_seed() if p > 0 else 0
+        base = self.base
+        if isinstance(base, LinearNF4):
+            compute_dtype = base.compute_dtype
+            bias = None if base.bias is None else base.bias.to(compute_dtype)
+            tensors = (base.packed_codes, base.absmax, base.nested_absmax)
+            meta = base._meta()
+        else:
+            compute_dtype = base.weight.dtype
+            bias = base.bias
+            tensors = (base.weight, None, None)
+            meta = None
+        spec = (self.scaling, p, seed, compute_dtype, meta)
+        return LoraLinearFunction.apply(x, bias, self.lora_A.weight, self.lora_B.weight, spec, *tensors)
 
     def _dora_term(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """(m / n - 1) * x W^T + (m / n) * scaling * B A x, as in PEFT's DoraLinearLayer.forward."""
@@ -175,7 +211,7 @@ class LoraLinear(nn.Module):
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base_result = result if self.base.bias is None else result - self.base.bias.to(result.dtype)
         else:
-            x = self.lora_dropout(x)
+            x = self._dropout(x)
             base_result = self._base_matmul(x)
         lora_result = self.lora_B(self.lora_A(x))
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling

@@ -9,11 +9,8 @@ map[code] * nested_absmax + offset (two float32 operations), and the casts to fl
 bfloat16 round to nearest even exactly as torch does. The flags include -ffp-contract=off so
 the compiler can never fuse a multiply and an add, which would change bits.
 
-Build cache: the shared library goes to
-`$XDG_CACHE_HOME/nibbletune/kernels/<key>/dequant4bit.so` (default `~/.cache`), where the key
-hashes the source, the flags, the CPU flags and the compiler's version, so a different
-machine or compiler never loads a stale binary. It is compiled to a temporary name and
-moved into place with os.replace, so concurrent processes never load a half-written file.
+Build cache: `nibbletune.native` compiles the source once per machine and compiler and
+caches the shared library (see its docstring).
 
 Fresh outputs of 4 MB or more are madvise(MADV_HUGEPAGE)d before the kernel writes them:
 faulting in a new output page by page otherwise costs several times the decoding itself.
@@ -28,12 +25,7 @@ logged, and `dequantize.py` uses the pure-torch path. Importing this module neve
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import QuantizationError
+from ..native import find_compiler, load_c_library
 from .codebooks import NESTED_BLOCKSIZE, codebook, dynamic_map
 
 logger = logging.getLogger(__name__)
@@ -56,62 +49,11 @@ _OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _load_failed = False
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "nibbletune" / "kernels"
-
-
-def _build_key(compiler: str, source: bytes) -> str:
-    from ..devices import cpu_flags
-
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256()
-    for part in (source, " ".join(CFLAGS).encode(), " ".join(sorted(cpu_flags())).encode(),
-                 compiler.encode(), version.encode()):
-        digest.update(part)
-        digest.update(b"\0")
-    return digest.hexdigest()[:20]
-
-
-def _compile(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        result = subprocess.run(
-            [compiler, *CFLAGS, "-o", temporary, str(SOURCE)], capture_output=True, text=True, timeout=120
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+_compiler = find_compiler  # a module attribute, so tests can swap the compiler
 
 
 def _load() -> ctypes.CDLL:
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (cc, gcc or $CC)")
-    source = SOURCE.read_bytes()
-    key = _build_key(compiler, source)
-    target = _cache_root() / key / "dequant4bit.so"
-    if not target.exists():
-        try:
-            _compile(compiler, target)
-        except OSError:  # cache dir not writable: build in a private temporary directory
-            target = Path(tempfile.mkdtemp(prefix="nibbletune-kernels-")) / "dequant4bit.so"
-            _compile(compiler, target)
-    library = ctypes.CDLL(str(target))
+    library = load_c_library(SOURCE, CFLAGS, _compiler())
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     library.nt_dequant4bit.argtypes = [
         p, i64, i64, p, p, p, p, p, i64, ctypes.c_float, ctypes.c_int, p, ctypes.c_int

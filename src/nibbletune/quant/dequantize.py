@@ -10,11 +10,11 @@ so they agree bit for bit (the tests check every pair against `reference.py`).
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
 
+from ..native import kernels_enabled
 from .codebooks import codebook
 
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,11 +52,6 @@ def _check_out(out: torch.Tensor, qt, dtype: torch.dtype) -> None:
             f"out must be a contiguous {dtype} tensor of shape {tuple(qt.shape)} on {qt.device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
-
-
-def kernels_enabled() -> bool:
-    """False when NIBBLETUNE_NO_KERNELS=1 forces the pure-PyTorch path."""
-    return os.environ.get("NIBBLETUNE_NO_KERNELS", "") not in ("1", "true", "yes")
 
 
 def dequantize_4bit(qt, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
