@@ -1,7 +1,11 @@
 """Fixtures for tests/export: one tiny Llama (+ tokenizer) and adapters, built once per session."""
 
 import pytest
+import torch
 from export_helpers import make_adapter, save_model, tiny_llama, train_tokenizer
+
+# Tiny models: one thread is faster than two fighting over small matmuls (as in tests/train).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

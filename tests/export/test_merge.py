@@ -117,6 +117,7 @@ def test_existing_output_refused(base_dir, adapter_dir, tmp_path):
 def test_training_quant_settings_are_read_from_the_run(base_dir, adapter_dir, tmp_path):
     adapter = tmp_path / "run"
     shutil.copytree(adapter_dir, adapter)
+    (adapter / "nibbletune.json").unlink()  # a run without the record: the run's config.yaml is read
     (adapter / "config.yaml").write_text("quant:\n  type: fp4\n  double_quant: true\n  blocksize: 64\n")
     assert read_adapter(adapter).quant_settings()["quant_type"] == "fp4"
     report = merge(base_dir, adapter, tmp_path / "fp4", dtype="float32")

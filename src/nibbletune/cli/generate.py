@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compute-dtype", default="auto")
+    parser.add_argument("--compute-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                        help="activation dtype of the 4-bit model (default: what the adapter trained with, else auto)")
     parser.set_defaults(func=run)
 
 
@@ -35,18 +36,41 @@ def _load(args):
         if args.adapter:
             raise NibbletuneError("--merged runs a merged model: it takes no --adapter")
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # stderr stays for errors; the reply streams to stdout
         try:
             model = AutoModelForCausalLM.from_pretrained(args.model)
         except (OSError, ValueError) as exc:
             raise NibbletuneError(f"{args.model}: cannot load as a transformers model ({str(exc).splitlines()[0]})") from None
     else:
-        model = load_model(args.model, compute_dtype=args.compute_dtype)
+        quant = _base_quantization(args.adapter)
+        model = load_model(args.model, quant_type=quant["quant_type"], double_quant=quant["double_quant"],
+                           blocksize=quant["blocksize"], skip_modules=quant["skip_modules"] or None,
+                           compute_dtype=args.compute_dtype or quant["compute_dtype"] or "auto")
+        model.eval()
         if args.adapter:
             load_adapter(model, args.adapter, dtype=None)
-    model.eval()
+    model.eval()  # LoRA dropout off: greedy decoding is deterministic
     torch.manual_seed(args.seed)
     return model, tokenizer
+
+
+def _base_quantization(adapter) -> dict:
+    """The quantization the adapter trained against (nibbletune.json, the run's config.yaml), else defaults."""
+    from ..export.adapter_files import DEFAULT_QUANT, training_quant_settings
+
+    if not adapter:
+        return dict(DEFAULT_QUANT)
+    settings = training_quant_settings(adapter)
+    if settings["source"] == "defaults":
+        print(f"note: {adapter} records no base quantization (no nibbletune.json or training config.yaml); "
+              "loading the base as nf4, blocksize 64, double quant", file=sys.stderr)
+    if not settings["quantized"]:
+        print(f"note: {adapter} was trained on a base without 4-bit linears; generating on the 4-bit base anyway "
+              "(use `nibbletune merge` for the exact model)", file=sys.stderr)
+        return dict(DEFAULT_QUANT, compute_dtype=settings["compute_dtype"])
+    return settings
 
 
 def _has_tokenizer(path) -> bool:

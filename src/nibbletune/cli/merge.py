@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     parser.add_argument("--base-16bit", metavar="PATH", default=None,
                         help="merge onto these original 16-bit weights instead of the dequantized 4-bit base")
     parser.add_argument("--quant-type", choices=["nf4", "fp4"], default=None,
-                        help="quantization used in training (default: recorded in the adapter, else nf4)")
+                        help="quantization used in training (default: the adapter's nibbletune.json, else the run's "
+                        "config.yaml, else nf4)")
     parser.add_argument("--blocksize", type=int, default=None, help="training blocksize (default: recorded, else 64)")
     parser.add_argument("--no-double-quant", action="store_true", default=None,
                         help="training ran without double quantization")
@@ -34,6 +35,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Merge, verify, and say plainly what was written."""
+    from ..export.adapter_files import describe_quant_settings
     from ..export.atomic import human_bytes
     from ..export.merge import merge
 
@@ -50,9 +52,7 @@ def run(args) -> int:
     onto = "the original 16-bit weights" if report.base_16bit else "the dequantized 4-bit base (as in training)"
     print(f"merged {report.merged_modules} adapter modules onto {onto}")
     if not report.base_16bit:
-        q = report.quant_settings
-        print(f"training quantization: {q['quant_type']}, blocksize {q['blocksize']}, double quant {q['double_quant']} "
-              f"(from {q['source']})")
+        print(describe_quant_settings(report.quant_settings))
     if report.verification is not None:
         print(f"verification against the unmerged QLoRA model: {report.verification.summary()}")
     else:

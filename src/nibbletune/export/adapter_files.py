@@ -55,24 +55,44 @@ class Adapter:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
     def quant_settings(self) -> dict:
-        """The base quantization the adapter was trained with; defaults nf4, double quant, blocksize 64.
+        """The base quantization the adapter was trained with (see `training_quant_settings`)."""
+        return training_quant_settings(self.path)
 
-        Read from the training run's record beside the adapter: `config.yaml` (the saved
-        TrainConfig of `nibbletune train`, section `quant`) or, in a checkpoint directory,
-        `trainer_state.json` (`config.quant`). Keys: quant_type, double_quant, blocksize,
-        skip_modules, source (where the values came from).
-        """
-        settings = {"quant_type": "nf4", "double_quant": True, "blocksize": 64, "skip_modules": [], "source": "defaults"}
-        recorded, source = _training_quant_record(self.path)
-        if recorded:
-            settings.update(
-                quant_type=recorded.get("type", recorded.get("quant_type", "nf4")),
-                double_quant=bool(recorded.get("double_quant", True)),
-                blocksize=int(recorded.get("blocksize", 64)),
-                skip_modules=list(recorded.get("skip_modules") or []),
-                source=source,
-            )
-        return settings
+
+DEFAULT_QUANT = {"quant_type": "nf4", "double_quant": True, "blocksize": 64, "compute_dtype": None,
+                 "skip_modules": [], "quantized": True}
+
+
+def training_quant_settings(adapter_dir: str | os.PathLike) -> dict:
+    """How the base was quantized while the adapter in `adapter_dir` trained.
+
+    Looked up in order: `nibbletune.json` (written by `save_adapter`), the training run's
+    `config.yaml` (section `quant`) beside the adapter, a checkpoint's `trainer_state.json`
+    (`config.quant`), else defaults (nf4, blocksize 64, double quant). Keys: quant_type,
+    double_quant, blocksize, compute_dtype (None: not recorded), skip_modules, quantized (False
+    when training ran on a base with no 4-bit linears), source (the file, or "defaults").
+    """
+    from ..loading.peft_adapter import SIDECAR_NAME, read_base_quantization
+
+    root = Path(adapter_dir)
+    settings = dict(DEFAULT_QUANT, source="defaults")
+    found, recorded = read_base_quantization(root)
+    if found:
+        if recorded is None:
+            return dict(settings, quantized=False, source=str(root / SIDECAR_NAME))
+        return dict(settings, **recorded, source=str(root / SIDECAR_NAME))
+    recorded, source = _training_quant_record(root)
+    if recorded:
+        compute_dtype = recorded.get("compute_dtype")
+        settings.update(
+            quant_type=recorded.get("type", recorded.get("quant_type", "nf4")),
+            double_quant=bool(recorded.get("double_quant", True)),
+            blocksize=int(recorded.get("blocksize", 64)),
+            compute_dtype=None if compute_dtype in (None, "auto") else compute_dtype,
+            skip_modules=list(recorded.get("skip_modules") or []),
+            source=source,
+        )
+    return settings
 
 
 def _training_quant_record(root: Path) -> tuple[dict | None, str]:
@@ -92,6 +112,19 @@ def _training_quant_record(root: Path) -> tuple[dict | None, str]:
     except (OSError, ValueError, AttributeError, yaml.YAMLError) as exc:
         raise FormatError(f"{root}: cannot read the training config recorded with the adapter ({exc})") from None
     return None, ""
+
+
+def describe_quant_settings(settings: dict) -> str:
+    """One line saying which base quantization is used and where it came from."""
+    if not settings.get("quantized", True):
+        return f"training ran on a base without 4-bit linears (from {settings['source']})"
+    text = (f"training quantization: {settings['quant_type']}, blocksize {settings['blocksize']}, "
+            f"double quant {settings['double_quant']}")
+    if settings["source"] == "defaults":
+        return (text + " (note: the adapter records no quantization settings - no nibbletune.json or training "
+                "config.yaml beside it - so these are the defaults; pass --quant-type/--blocksize/--no-double-quant "
+                "if training used others)")
+    return text + f" (from {settings['source']})"
 
 
 def read_adapter(path: str | os.PathLike) -> Adapter:

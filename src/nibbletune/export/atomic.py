@@ -38,12 +38,18 @@ class OutputExistsError(NibbletuneError, FileExistsError):
 
 
 def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output (unless `overwrite`) or a missing parent directory; return the path."""
+    """Refuse an existing output (unless `overwrite`) or a parent path that is not a directory; return the path.
+
+    A missing parent is fine: `staged_output` creates it (`merge BASE ADAPTER out/merged`).
+    """
     target = Path(out)
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target}: already exists (pass --overwrite to replace it)")
-    if not target.parent.resolve().is_dir():
-        raise NibbletuneError(f"{target}: parent directory {target.parent} does not exist")
+    parent = target.parent.resolve()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NibbletuneError(f"{target}: {parent} is not a directory")
     return target
 
 
@@ -55,6 +61,7 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False, is_dir: bool 
     finished output even if the process is killed before the cleanup runs.
     """
     target = check_output(out, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.partial"
     if is_dir:
         staging.mkdir()

@@ -85,10 +85,12 @@ def merge(
 ) -> MergeReport:
     """Merge `adapter` into `base`, write a plain checkpoint to `out`, verify it, return a report.
 
-    `quant_settings` (quant_type, double_quant, blocksize, skip_modules) overrides what the
-    adapter recorded. Raises FormatError / AdapterMismatchError before anything is written when
-    the inputs do not fit, OutputExistsError for an existing `out`, VerificationError (after
-    removing the unverified output) when the merged model's logits are off.
+    The base quantization training used is read from the adapter directory
+    (`adapter_files.training_quant_settings`: nibbletune.json, else the run's config.yaml, else
+    defaults); `quant_settings` (quant_type, double_quant, blocksize, skip_modules) overrides it.
+    Raises FormatError / AdapterMismatchError before anything is written when the inputs do not
+    fit, OutputExistsError for an existing `out`, VerificationError (after removing the
+    unverified output) when the merged model's logits are off.
     """
     base, out = Path(base), Path(out)
     check_output(out, overwrite)
@@ -96,7 +98,7 @@ def merge(
     settings = lora.quant_settings()
     overrides = {k: v for k, v in (quant_settings or {}).items() if v is not None}
     if overrides:
-        settings.update(overrides, source="command line")
+        settings.update(overrides, quantized=True, source="command line")
     raw_config = read_config_json(base)
     base_is_4bit = bool(raw_config.get("quantization_config"))
     source = Path(base_16bit) if base_16bit else base
@@ -115,7 +117,8 @@ def merge(
                       if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
     check_adapter_fits(lora, {n: shape for n, (shape, _) in linear_modules.items()}, source)
     # linears training ran in 4 bits from full-precision weights (a 4-bit base is decoded as stored)
-    trained_4bit = set() if base_16bit or base_is_4bit else set(select_linears(skeleton, settings["skip_modules"]))
+    decoded_as_stored = base_16bit or base_is_4bit or not settings["quantized"]
+    trained_4bit = set() if decoded_as_stored else set(select_linears(skeleton, settings["skip_modules"]))
     checkpoint = open_checkpoint(source)
     missing = [m for m in lora.modules if f"{m}.weight" not in checkpoint]
     if missing:

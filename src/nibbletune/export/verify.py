@@ -1,7 +1,8 @@
 """Checking a merged model against the model training ran: logits on held-out inputs.
 
 The reference is the unmerged QLoRA model exactly as training built it (`load_model` with the
-training quantization settings, float32 compute, + `load_adapter`); the candidate is the merged
+training quantization settings, float32 compute, + `load_adapter`), in eval mode (no LoRA
+dropout); the candidate is the merged
 checkpoint loaded with plain transformers, its weights upcast to float32 so the figures show
 what merging and storing in the output dtype cost, not the precision of a CPU matmul.
 
@@ -124,12 +125,17 @@ def check_merged(
 
     hf_logging.disable_progress_bar()
 
-    reference_model = load_model(
-        base, quant_type=settings["quant_type"], double_quant=settings["double_quant"],
-        blocksize=settings["blocksize"], compute_dtype=torch.float32,
-        skip_modules=settings["skip_modules"] or None, trust_remote_code=trust_remote_code,
-    )
-    load_adapter(reference_model, adapter, dtype=torch.float32)
+    if settings.get("quantized", True):
+        reference_model = load_model(
+            base, quant_type=settings["quant_type"], double_quant=settings["double_quant"],
+            blocksize=settings["blocksize"], compute_dtype=torch.float32,
+            skip_modules=settings["skip_modules"] or None, trust_remote_code=trust_remote_code,
+        )
+    else:  # the adapter trained on a base with no 4-bit linears
+        reference_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
+                                                               trust_remote_code=trust_remote_code)
+    reference_model.eval()
+    load_adapter(reference_model, adapter, dtype=torch.float32)  # LoRA layers follow: eval, no dropout
     reference_model.eval()
     vocab_size = reference_model.get_input_embeddings().weight.shape[0]
     input_ids = held_out_inputs(merged_dir, vocab_size)

@@ -8,6 +8,16 @@ A LoraLinear at module path `<path>` stores its tensors in the file as
 
 which is what `peft.PeftModel.save_pretrained` writes for the default adapter, so either
 library reads the other's files. `adapter_config.json` holds PEFT's LoraConfig fields.
+
+`save_adapter` also writes `nibbletune.json`, a sidecar PEFT ignores, recording how the base
+was quantized while the adapter trained (quant type, blocksize, double quant, compute dtype,
+linears left in full precision), so `merge` and `generate` rebuild the base training saw from
+the adapter directory alone:
+
+    {"format": 1, "base_quantization": {"quant_type": "nf4", "blocksize": 64, "double_quant": true,
+                                         "compute_dtype": "float32", "skip_modules": []}}
+
+`base_quantization` is null when the adapter was trained on a base with no 4-bit linears.
 """
 
 from __future__ import annotations
@@ -25,10 +35,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import FormatError, NibbletuneError
-from ..modules.inject import LoraSettings, adapter_dtype, apply_lora, find_linear_names, lora_layers, resolve_targets
+from ..modules.inject import (
+    LoraSettings,
+    adapter_dtype,
+    apply_lora,
+    find_linear_names,
+    lora_layers,
+    resolve_targets,
+)
+from ..modules.linear_nf4 import LinearNF4
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+SIDECAR_NAME = "nibbletune.json"
+SIDECAR_FORMAT = 1
 KEY_PREFIX = "base_model.model."
 
 # LoraConfig fields we cannot honour: loading an adapter that sets them would silently change it.
@@ -97,12 +117,67 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def base_quantization(model: nn.Module) -> dict | None:
+    """How `model`'s base linears are quantized, as recorded in `nibbletune.json`; None when none is 4-bit.
+
+    Read from the model's LinearNF4 layers (the first one's settings; `load_model` uses one
+    setting for all). `skip_modules` lists the full paths of linears left in full precision,
+    the output head excepted.
+    """
+    quantized = [m for m in model.modules() if isinstance(m, LinearNF4)]
+    if not quantized:
+        return None
+    first = quantized[0]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wrapped = lora_layers(model)
+    skipped = [path for path, layer in wrapped.items() if not isinstance(layer.base, LinearNF4)]
+    for name, module in model.named_modules():
+        inside_lora = any(name.startswith(path + ".") for path in wrapped)
+        if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and module is not head \
+                and not inside_lora:
+            skipped.append(name)
+    return {
+        "quant_type": first.quant_type, "blocksize": int(first.blocksize),
+        "double_quant": first.nested_absmax is not None,
+        "compute_dtype": str(first.compute_dtype).removeprefix("torch."), "skip_modules": sorted(skipped),
+    }
+
+
+def read_base_quantization(adapter_dir) -> tuple[bool, dict | None]:
+    """(found, settings) from an adapter's `nibbletune.json`; (False, None) when there is none.
+
+    `settings` is None when the adapter was trained on a base without 4-bit linears. FormatError
+    for an unreadable or malformed sidecar.
+    """
+    path = Path(adapter_dir) / SIDECAR_NAME
+    if not path.is_file():
+        return False, None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(record, dict) or "base_quantization" not in record:
+        raise FormatError(f"{path}: expected a JSON object with 'base_quantization'")
+    quant = record["base_quantization"]
+    if quant is None:
+        return True, None
+    if not isinstance(quant, dict) or quant.get("quant_type") not in ("nf4", "fp4") \
+            or not isinstance(quant.get("blocksize"), int) or not isinstance(quant.get("double_quant"), bool):
+        raise FormatError(f"{path}: 'base_quantization' needs quant_type nf4|fp4, integer blocksize and "
+                          f"boolean double_quant, got {quant!r}")
+    return True, {
+        "quant_type": quant["quant_type"], "blocksize": quant["blocksize"], "double_quant": quant["double_quant"],
+        "compute_dtype": quant.get("compute_dtype"), "skip_modules": list(quant.get("skip_modules") or []),
+    }
+
+
 def save_adapter(model: nn.Module, out_dir, settings: LoraSettings, base_model_name_or_path: str | None = None) -> Path:
     """Write `model`'s LoRA layers as a PEFT adapter directory and return its path.
 
+    Besides the PEFT files, `nibbletune.json` records the base quantization (module docstring).
     Files are written into a temporary directory beside `out_dir` first. A new `out_dir` is
-    created by one rename; an existing one gets the weights then the config moved in (each an
-    atomic replace), leaving any other files there untouched.
+    created by one rename; an existing one gets the weights, the sidecar, then the config moved
+    in (each an atomic replace), leaving any other files there untouched.
     """
     tensors = adapter_tensors(model)
     if not tensors:
@@ -116,12 +191,15 @@ def save_adapter(model: nn.Module, out_dir, settings: LoraSettings, base_model_n
         with open(tmp / CONFIG_NAME, "w") as handle:
             json.dump(config, handle, indent=2, sort_keys=True)
             handle.write("\n")
+        sidecar = {"format": SIDECAR_FORMAT, "base_quantization": base_quantization(model)}
+        (tmp / SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
         if not out_dir.exists():
             os.rename(tmp, out_dir)
             return out_dir
         if not out_dir.is_dir():
             raise NibbletuneError(f"save_adapter: {out_dir} exists and is not a directory")
         os.replace(tmp / WEIGHTS_NAME, out_dir / WEIGHTS_NAME)
+        os.replace(tmp / SIDECAR_NAME, out_dir / SIDECAR_NAME)
         os.replace(tmp / CONFIG_NAME, out_dir / CONFIG_NAME)
     finally:
         if tmp.exists():
@@ -183,7 +261,8 @@ def load_adapter(model: nn.Module, adapter_dir, dtype: torch.dtype | None = None
     """Apply the LoRA layers an adapter directory describes to `model` and load its weights.
 
     Works for adapters written by `save_adapter` or by PEFT. Adapter parameters are float32
-    unless `dtype` is given. Returns the adapter's settings. Raises FormatError naming the key
+    unless `dtype` is given. The new LoRA layers take the model's mode: a model in eval mode
+    (as `load_model` returns it) stays fully in eval mode, so LoRA dropout is off for inference. Returns the adapter's settings. Raises FormatError naming the key
     for missing or unexpected tensors and shape mismatches, NibbletuneError when the model
     already has LoRA layers or a target matches nothing.
     """
@@ -212,6 +291,8 @@ def load_adapter(model: nn.Module, adapter_dir, dtype: torch.dtype | None = None
         if tuple(value.shape) != expected[key]:
             raise FormatError(f"{weights_path}: '{key}' has shape {tuple(value.shape)}, model expects {expected[key]}")
     apply_lora(model, settings)
+    for layer in lora_layers(model).values():
+        layer.train(model.training)  # new modules start in train mode: dropout would be on
     with torch.no_grad():
         for path, layer in lora_layers(model).items():
             for name, param in layer.adapter_state_dict().items():
