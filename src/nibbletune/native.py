@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def kernels_enabled() -> bool:
@@ -86,3 +91,39 @@ def load_c_library(source_path: Path, cflags: tuple[str, ...], compiler: str | N
             target = Path(tempfile.mkdtemp(prefix="nibbletune-kernels-")) / name
             _compile(compiler, source_path, cflags, target)
     return ctypes.CDLL(str(target))
+
+
+class LazyLibrary:
+    """A C kernel library built and loaded on first `get()`; None (one warning) when that fails.
+
+    `configure` declares the ctypes signatures of the loaded library. `cflags` and `compiler`
+    (a callable returning the compiler's path) are attributes so tests can build variants;
+    `reset()` forgets the loaded library and any earlier failure.
+    """
+
+    def __init__(self, source: Path, cflags: tuple[str, ...], configure: Callable[[ctypes.CDLL], None],
+                 description: str):
+        self.source, self.cflags, self.configure, self.description = source, cflags, configure, description
+        self.compiler: Callable[[], str | None] = find_compiler
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the loaded library and any failure, so the next `get()` builds again."""
+        self._library: ctypes.CDLL | None = None
+        self._failed = False
+
+    def get(self) -> ctypes.CDLL | None:
+        """The loaded library, or None when it cannot be built (logged once)."""
+        if self._library is not None or self._failed:
+            return self._library
+        with self._lock:
+            if self._library is None and not self._failed:
+                try:
+                    library = load_c_library(self.source, self.cflags, self.compiler())
+                    self.configure(library)
+                    self._library = library
+                except Exception as error:  # noqa: BLE001 - any failure means "use the torch path"
+                    self._failed = True
+                    logger.warning("nibbletune %s unavailable, using the pure-torch path: %s", self.description, error)
+        return self._library

@@ -145,12 +145,17 @@ def test_rounding_edges_for_each_code():
         _assert_matches_reference(qt)
 
 
+def fresh_kernel(monkeypatch):
+    """Make the next kernel use build (or fail) again, and restore the loaded one afterwards."""
+    monkeypatch.setattr(cpu_kernel.KERNEL, "_library", None)
+    monkeypatch.setattr(cpu_kernel.KERNEL, "_failed", False)
+
+
 def test_scalar_build_matches_reference(gen, monkeypatch, tmp_path):
     """The portable path (no AVX2), built without -march=native, gives the same bits."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(cpu_kernel, "CFLAGS", tuple(f for f in cpu_kernel.CFLAGS if f != "-march=native"))
-    monkeypatch.setattr(cpu_kernel, "_library", None)
-    monkeypatch.setattr(cpu_kernel, "_load_failed", False)
+    monkeypatch.setattr(cpu_kernel.KERNEL, "cflags", tuple(f for f in cpu_kernel.CFLAGS if f != "-march=native"))
+    fresh_kernel(monkeypatch)
     assert cpu_kernel.simd_level() == "scalar"
     for qt in _rounding_edge_qts()[:1] + [_random_qt(gen, (3, 30_001), 64, "nf4", True)]:
         _assert_matches_reference(qt)
@@ -257,10 +262,9 @@ def test_fallback_when_kernels_disabled(gen, make, monkeypatch):
 def test_failed_build_falls_back_with_one_warning(gen, make, monkeypatch, tmp_path, caplog):
     qt = quantize(make("normal", (5, 70), torch.float32, gen), "nf4", 64, False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(cpu_kernel, "_library", None)
-    monkeypatch.setattr(cpu_kernel, "_load_failed", False)
-    monkeypatch.setattr(cpu_kernel, "_compiler", lambda: "/bin/false")
-    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+    monkeypatch.setattr(cpu_kernel.KERNEL, "compiler", lambda: "/bin/false")
+    fresh_kernel(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="nibbletune.native"):
         assert not cpu_kernel.cpu_kernel_available()
         assert not cpu_kernel.cpu_kernel_available()
         result = dequantize_4bit(qt, torch.bfloat16)
@@ -271,8 +275,7 @@ def test_failed_build_falls_back_with_one_warning(gen, make, monkeypatch, tmp_pa
 
 def test_build_goes_to_the_cache_atomically(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(cpu_kernel, "_library", None)
-    monkeypatch.setattr(cpu_kernel, "_load_failed", False)
+    fresh_kernel(monkeypatch)
     assert cpu_kernel.cpu_kernel_available()
     built = list((tmp_path / "nibbletune" / "kernels").glob("*/dequant4bit.so"))
     assert len(built) == 1

@@ -24,15 +24,11 @@ state is restored.
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
 from pathlib import Path
 
 import torch
 
-from ..native import find_compiler, kernels_enabled, load_c_library
-
-logger = logging.getLogger(__name__)
+from ..native import LazyLibrary, kernels_enabled
 
 SOURCE = Path(__file__).parent / "csrc" / "dropout_mask.c"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off")
@@ -40,34 +36,20 @@ MASK_RESOLUTION = 1 << 16
 _MAX_ELEMENTS = 1 << 33  # pairs are indexed mod 2^32
 _UINT32 = 0xFFFFFFFF
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_load_failed = False
+def _configure(library: ctypes.CDLL) -> None:
+    library.nt_dropout_mask.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int,
+    ]
+    library.nt_dropout_mask.restype = ctypes.c_int
+    library.nt_dropout_apply_f32.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float,
+        ctypes.c_int, ctypes.c_int,
+    ]
+    library.nt_dropout_apply_f32.restype = ctypes.c_int
 
 
-def _get_library() -> ctypes.CDLL | None:
-    global _library, _load_failed
-    if _library is not None or _load_failed:
-        return _library
-    with _lock:
-        if _library is None and not _load_failed:
-            try:
-                library = load_c_library(SOURCE, CFLAGS, find_compiler())
-                library.nt_dropout_mask.argtypes = [
-                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint32,
-                    ctypes.c_uint32, ctypes.c_int,
-                ]
-                library.nt_dropout_mask.restype = ctypes.c_int
-                library.nt_dropout_apply_f32.argtypes = [
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
-                    ctypes.c_float, ctypes.c_int, ctypes.c_int,
-                ]
-                library.nt_dropout_apply_f32.restype = ctypes.c_int
-                _library = library
-            except Exception as error:  # noqa: BLE001 - any failure means "use the torch path"
-                _load_failed = True
-                logger.warning("nibbletune dropout kernel unavailable, using the pure-torch path: %s", error)
-    return _library
+KERNEL = LazyLibrary(SOURCE, CFLAGS, _configure, "dropout kernel")
+_get_library = KERNEL.get
 
 
 def dropout_threshold(p: float) -> int:

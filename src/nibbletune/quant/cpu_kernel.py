@@ -25,18 +25,14 @@ logged, and `dequantize.py` uses the pure-torch path. Importing this module neve
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from ..errors import QuantizationError
-from ..native import find_compiler, load_c_library
+from ..native import LazyLibrary
 from .codebooks import NESTED_BLOCKSIZE, codebook, dynamic_map
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "dequant4bit.c"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off")
@@ -46,14 +42,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-ffp-contract
 HUGEPAGE_MIN_BYTES = 4 << 20
 _OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_load_failed = False
-_compiler = find_compiler  # a module attribute, so tests can swap the compiler
-
-
-def _load() -> ctypes.CDLL:
-    library = load_c_library(SOURCE, CFLAGS, _compiler())
+def _configure(library: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     library.nt_dequant4bit.argtypes = [
         p, i64, i64, p, p, p, p, p, i64, ctypes.c_float, ctypes.c_int, p, ctypes.c_int
@@ -62,21 +51,10 @@ def _load() -> ctypes.CDLL:
     library.nt_dequant4bit_simd_level.restype = ctypes.c_int
     library.nt_advise_hugepages.argtypes = [p, i64]
     library.nt_advise_hugepages.restype = ctypes.c_int
-    return library
 
 
-def _get_library() -> ctypes.CDLL | None:
-    global _library, _load_failed
-    if _library is not None or _load_failed:
-        return _library
-    with _lock:
-        if _library is None and not _load_failed:
-            try:
-                _library = _load()
-            except Exception as error:  # noqa: BLE001 - any failure means "use the torch path"
-                _load_failed = True
-                logger.warning("nibbletune CPU kernel unavailable, using the pure-torch path: %s", error)
-    return _library
+KERNEL = LazyLibrary(SOURCE, CFLAGS, _configure, "CPU dequantization kernel")
+_get_library = KERNEL.get
 
 
 def cpu_kernel_available() -> bool:

@@ -26,6 +26,16 @@ static inline uint32_t mix32(uint32_t x) {
 
 #define PAIRS_PER_CHUNK 16384
 
+/* Threads to use for `pairs` element pairs: one when there is less than two chunks of work. */
+static inline int thread_count(int64_t pairs, int num_threads) {
+    int64_t chunks = (pairs + PAIRS_PER_CHUNK - 1) / PAIRS_PER_CHUNK;
+    return chunks < 2 || num_threads < 1 ? 1 : num_threads;
+}
+
+static inline int64_t chunk_end(int64_t first, int64_t pairs) {
+    return first + PAIRS_PER_CHUNK < pairs ? first + PAIRS_PER_CHUNK : pairs;
+}
+
 static inline uint32_t pair_hash(int64_t j, uint32_t seed_lo, uint32_t seed_hi) {
     return mix32(mix32((uint32_t)j ^ seed_lo) + seed_hi);
 }
@@ -55,13 +65,9 @@ int nt_dropout_mask(void *out, int64_t n, int element_size, uint64_t seed, uint3
     if (element_size != 2 && element_size != 4) return -1;
     uint32_t seed_lo = (uint32_t)seed, seed_hi = (uint32_t)(seed >> 32);
     int64_t pairs = n / 2; /* full pairs; an odd n leaves element n - 1 for the end */
-    int64_t chunks = (pairs + PAIRS_PER_CHUNK - 1) / PAIRS_PER_CHUNK;
-    int threads = num_threads > 0 ? num_threads : 1;
-    if (chunks < 2) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t first = c * PAIRS_PER_CHUNK;
-        int64_t last = first + PAIRS_PER_CHUNK < pairs ? first + PAIRS_PER_CHUNK : pairs;
+#pragma omp parallel for num_threads(thread_count(pairs, num_threads)) schedule(static)
+    for (int64_t first = 0; first < pairs; first += PAIRS_PER_CHUNK) {
+        int64_t last = chunk_end(first, pairs);
         if (element_size == 4)
             fill32((uint32_t *)out, first, last, seed_lo, seed_hi, threshold, keep_bits);
         else
@@ -94,13 +100,9 @@ int nt_dropout_apply_f32(const float *x, float *out, int64_t n, uint64_t seed, u
                          int accumulate, int num_threads) {
     uint32_t seed_lo = (uint32_t)seed, seed_hi = (uint32_t)(seed >> 32);
     int64_t pairs = n / 2;
-    int64_t chunks = (pairs + PAIRS_PER_CHUNK - 1) / PAIRS_PER_CHUNK;
-    int threads = num_threads > 0 ? num_threads : 1;
-    if (chunks < 2) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t first = c * PAIRS_PER_CHUNK;
-        int64_t last = first + PAIRS_PER_CHUNK < pairs ? first + PAIRS_PER_CHUNK : pairs;
+#pragma omp parallel for num_threads(thread_count(pairs, num_threads)) schedule(static)
+    for (int64_t first = 0; first < pairs; first += PAIRS_PER_CHUNK) {
+        int64_t last = chunk_end(first, pairs);
         if (accumulate) {
             for (int64_t j = first; j < last; j++) {
                 float even, odd;
