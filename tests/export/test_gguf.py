@@ -95,3 +95,43 @@ def test_gguf_lora_adapter(base_dir, adapter_dir, tmp_path):
     # llama.cpp applies B @ A to the permuted base weight: the product must be the permuted delta
     expected = llama_permute(pair.lora_B @ pair.lora_A, 4, 2).numpy()
     np.testing.assert_allclose(b @ a, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tokenizer_pre_detection():
+    from nibbletune.export.gguf_export import PRE_TOKENIZER_REGEXES, detect_tokenizer_pre
+
+    def split_then_bytelevel(regex):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}
+
+    assert detect_tokenizer_pre({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}}, "t") == "gpt-2"
+    for regex, name in PRE_TOKENIZER_REGEXES.items():
+        assert detect_tokenizer_pre(split_then_bytelevel(regex), "t") == name
+    assert {"llama-bpe", "qwen2", "gpt-2"} == set(PRE_TOKENIZER_REGEXES.values())
+    with pytest.raises(GGUFExportError, match="Metaspace"):  # SentencePiece-style: llama.cpp "llama" vocab
+        detect_tokenizer_pre({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581"}}, "t")
+    with pytest.raises(GGUFExportError, match="no known llama.cpp equivalent"):
+        detect_tokenizer_pre(split_then_bytelevel(r"\p{L}+"), "t")
+
+
+def test_tokenizer_pre_override_from_cli(base_dir, tmp_path, capsys):
+    from nibbletune.cli.main import main
+
+    assert main(["export", "gguf", str(base_dir), str(tmp_path / "m.gguf"), "--type", "f32",
+                 "--tokenizer-pre", "llama-bpe"]) == 0
+    assert "read back and checked" in capsys.readouterr().out
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+
+
+def test_refuses_unsupported_rope(tmp_path):
+    import transformers
+    from export_helpers import save_model
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                      vocab_size=64, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                      "rope_theta": 10000.0})
+    path = save_model(transformers.LlamaForCausalLM(config), tmp_path / "dyn")
+    with pytest.raises(GGUFExportError, match="rope type 'dynamic'"):
+        export_gguf(path, tmp_path / "dyn.gguf")
+    assert not (tmp_path / "dyn.gguf").exists()

@@ -12,6 +12,9 @@ def register(subparsers) -> None:
     model.add_argument("out", help="output .gguf file")
     model.add_argument("--type", dest="out_type", default="f16", choices=["f16", "bf16", "f32", "q8_0", "q4_0"])
     model.add_argument("--name", default=None, help="general.name (default: the model directory's name)")
+    model.add_argument("--tokenizer-pre", default=None,
+                       help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre), e.g. gpt-2, llama-bpe, qwen2; "
+                            "default: detected from tokenizer.json")
     model.add_argument("--overwrite", action="store_true")
     model.set_defaults(func=run_gguf)
     lora = formats.add_parser("gguf-lora", help="a PEFT LoRA adapter -> a llama.cpp GGUF LoRA adapter")
@@ -24,16 +27,19 @@ def register(subparsers) -> None:
 
 
 def run_gguf(args) -> int:
+    """Export a merged model to GGUF and print what was written."""
     from ..export.atomic import human_bytes
     from ..export.gguf_export import export_gguf
 
-    report = export_gguf(args.model, args.out, args.out_type, overwrite=args.overwrite, name=args.name)
+    report = export_gguf(args.model, args.out, args.out_type, overwrite=args.overwrite, name=args.name,
+                         tokenizer_pre=args.tokenizer_pre)
     print(f"wrote {report.out}: {report.arch}, {report.tensors} tensors, {report.out_type}, "
           f"{human_bytes(report.file_bytes)}; read back and checked (max error {report.max_rel_error:.3g} x max|w|)")
     return 0
 
 
 def run_gguf_lora(args) -> int:
+    """Export a LoRA adapter to a GGUF LoRA and print what was written."""
     from ..export.atomic import human_bytes
     from ..export.gguf_lora import export_gguf_lora
 

@@ -9,8 +9,12 @@ Names, metadata and layout follow llama.cpp's `convert_hf_to_gguf.py`:
   (n_head = num_key_value_heads for k_proj). Qwen2 uses neox rope: no permute;
 - 1-D tensors (norms, biases) stay F32; 2-D tensors take the requested type; q8_0/q4_0 rows
   that are not a multiple of 32 fall back to F16, as convert_hf_to_gguf does;
-- hyperparameters under `<arch>.*` and a BPE tokenizer as tokenizer.ggml.model "gpt2" with
-  tokens, token types, merges, special ids and the chat template (`gguf.SpecialVocab`).
+- hyperparameters under `<arch>.*` (rope: default, linear scaling, or Llama 3.1 "llama3" as a
+  `rope_freqs.weight` tensor; other rope types are refused);
+- a byte-level BPE tokenizer.json as tokenizer.ggml.model "gpt2" with tokens, token types,
+  merges, special ids and the chat template (`gguf.SpecialVocab`), and `tokenizer.ggml.pre`
+  detected from the pre-tokenizer regex ("gpt-2", "llama-bpe", "qwen2"; others must be named).
+  Tokenizers that llama.cpp reads as SentencePiece ("llama" model with scores) are refused.
 
 The file is written in two passes over the checkpoint (header from the safetensors headers,
 then one tensor at a time), into a staging file renamed at the end, after it has been read back
@@ -19,6 +23,7 @@ with `gguf.GGUFReader` and compared tensor by tensor with the source.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,8 @@ from ..errors import NibbletuneError
 from ..loading.safetensors_io import open_checkpoint
 from .atomic import staged_output
 from .quantize_checkpoint import read_config_json
+
+logger = logging.getLogger(__name__)
 
 # HF architecture -> (gguf arch name, permute q/k)
 ARCHITECTURES = {
@@ -94,57 +101,127 @@ def model_arch(raw_config: dict, root: Path) -> tuple[str, bool]:
                           f"for GGUF export (supported: {', '.join(ARCHITECTURES)})")
 
 
-def _hparams(writer, config: dict, file_type: int) -> None:
+# tokenizer.json pre-tokenizer regex -> llama.cpp's tokenizer.ggml.pre (llama-vocab.cpp).
+_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+PRE_TOKENIZER_REGEXES = {
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""":
+        "llama-bpe",
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""":
+        "qwen2",
+    _GPT2_REGEX: "gpt-2",
+}
+
+
+def rope_settings(config: dict) -> dict:
+    """{"theta", "type" ("default" | "linear" | "llama3"), and the type's parameters} from an HF config."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    if rope_type not in ("default", "linear", "llama3"):
+        raise GGUFExportError(f"rope type {rope_type!r} is not supported for GGUF export (default, linear, llama3)")
+    return {**rope, "type": rope_type, "theta": float(rope["rope_theta"])}
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """The `rope_freqs.weight` tensor for Llama 3.1-style rope (convert_hf_to_gguf LlamaModel)."""
+    rope = rope_settings(config)
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / rope["theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old_ctx / high:
+            factors.append(1.0)
+        elif wavelen > old_ctx / low:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
+def _hparams(writer, gguf, config: dict, file_type: int) -> None:
     """The `<arch>.*` keys convert_hf_to_gguf writes for Llama / Qwen2 (TextModel.set_gguf_parameters)."""
     n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(config.get("num_key_value_heads", n_head))
-    rope = config.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", config.get("rope_theta"))
-    if theta is not None:
-        writer.add_rope_freq_base(float(theta))
+    writer.add_head_count_kv(config.get("num_key_value_heads") or n_head)
+    rope = rope_settings(config)
+    writer.add_rope_freq_base(rope["theta"])
+    if rope["type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    if (head_dim := config.get("head_dim")) is not None:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_file_type(file_type)
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // n_head)
+    writer.add_rope_dimension_count(head_dim)
 
 
-def _tokenizer(writer, gguf, root: Path, vocab_size: int) -> bool:
-    """GPT-2 style BPE vocabulary (convert_hf_to_gguf `_set_vocab_gpt2`); False when there is no tokenizer."""
-    if not (root / "tokenizer.json").is_file():
+def detect_tokenizer_pre(tokenizer_json: dict, path: Path) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer.json, from its pre-tokenizer.
+
+    convert_hf_to_gguf identifies the pre-tokenizer by hashing a sample's tokenization; we read the
+    regex instead. A ByteLevel pre-tokenizer with its own (GPT-2) regex is llama.cpp's "gpt-2";
+    a Split with the Llama 3 / Qwen2 regex followed by ByteLevel is "llama-bpe" / "qwen2".
+    """
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = steps[0].get("pattern", {}).get("Regex")
+        if regex in PRE_TOKENIZER_REGEXES:
+            return PRE_TOKENIZER_REGEXES[regex]
+    raise GGUFExportError(f"{path}: pre-tokenizer {kinds or 'none'} has no known llama.cpp equivalent "
+                          f"(supported: byte-level BPE as GPT-2, Llama 3, Qwen2); name one with --tokenizer-pre")
+
+
+def _tokenizer(writer, gguf, root: Path, vocab_size: int, pre: str | None = None) -> bool:
+    """GPT-2 style BPE vocabulary (convert_hf_to_gguf `_set_vocab_gpt2`); False when there is no tokenizer.
+
+    Read from tokenizer.json with the `tokenizers` library, not AutoTokenizer: transformers may
+    rebuild a tokenizer from the model type (e.g. a Qwen2 class adding tokens), while llama.cpp
+    must get exactly what the file holds. Ids up to vocab_size without a token are "[PAD<id>]".
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    path = root / "tokenizer.json"
+    if not path.is_file():
         return False
-    from ..loading import load_tokenizer
-
-    tokenizer = load_tokenizer(root)
-    vocab = tokenizer.get_vocab()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or type(backend.model).__name__ != "BPE":
-        raise GGUFExportError(f"{root}: only BPE tokenizers (tokenizer.json) are supported for GGUF export")
+    tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
+    if (tokenizer_json.get("model") or {}).get("type") != "BPE":
+        raise GGUFExportError(f"{path}: only BPE tokenizers are supported for GGUF export")
+    pre = pre or detect_tokenizer_pre(tokenizer_json, path)
+    tokenizer = Tokenizer.from_file(str(path))
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= vocab_size:
-        raise GGUFExportError(f"{root}: tokenizer has ids up to {max(vocab.values())} but vocab_size is {vocab_size}")
+        raise GGUFExportError(f"{path}: tokenizer has ids up to {max(vocab.values())} but vocab_size is {vocab_size}")
     reverse = {i: t for t, i in vocab.items()}
-    added = tokenizer.get_added_vocab()
+    added = tokenizer.get_added_tokens_decoder()
     tokens, types = [], []
     for i in range(vocab_size):
         if i not in reverse:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-        elif reverse[i] in added:
-            special = tokenizer.added_tokens_decoder[i].special
+        elif i in added:
             tokens.append(reverse[i])
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(reverse[i])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(root, load_merges=True, n_vocab=len(tokens))
@@ -153,7 +230,7 @@ def _tokenizer(writer, gguf, root: Path, vocab_size: int) -> bool:
 
 
 def _plan(gguf, checkpoint, config: dict, arch_name: str, out_type: str):
-    """[(hf key, gguf name, GGML type)] from the safetensors headers; no tensor data read."""
+    """[(hf key or generated array, gguf name, GGML type)] from the safetensors headers; no tensor data read."""
     arch = getattr(gguf.MODEL_ARCH, arch_name)
     name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     weight_type = getattr(gguf.GGMLQuantizationType, _TYPES[out_type][0])
@@ -169,11 +246,16 @@ def _plan(gguf, checkpoint, config: dict, arch_name: str, out_type: str):
         if out_type in ("q8_0", "q4_0") and len(shape) > 1 and shape[-1] % 32 != 0:
             qtype = gguf.GGMLQuantizationType.F16
         plan.append((key, name, qtype))
+    if rope_settings(config)["type"] == "llama3":
+        plan.insert(0, (llama3_rope_factors(config), gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                        gguf.GGMLQuantizationType.F32))
     return plan
 
 
-def _source_array(checkpoint, key: str, config: dict, permute: bool) -> np.ndarray:
+def _source_array(checkpoint, key, config: dict, permute: bool) -> np.ndarray:
     """The source tensor in float32, q/k rows permuted as llama.cpp expects."""
+    if isinstance(key, np.ndarray):  # generated (rope_freqs)
+        return key
     value = checkpoint.get(key).float()
     if permute and key.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
         value = llama_permute(value, config["num_attention_heads"], config["num_attention_heads"])
@@ -192,25 +274,32 @@ def _encode(gguf, data: np.ndarray, qtype) -> np.ndarray:
 
 
 def export_gguf(model: str | os.PathLike, out: str | os.PathLike, out_type: str = "f16",
-                overwrite: bool = False, name: str | None = None) -> GGUFReport:
-    """Write `model` (a plain Llama/Mistral/Qwen2 safetensors directory) as GGUF, read it back, check it."""
+                overwrite: bool = False, name: str | None = None, tokenizer_pre: str | None = None) -> GGUFReport:
+    """Write `model` (a plain Llama/Mistral/Qwen2 safetensors directory) as GGUF, read it back, check it.
+
+    `tokenizer_pre` overrides the llama.cpp pre-tokenizer name detected from tokenizer.json.
+    """
     gguf = _import_gguf()
     root, out = Path(model), Path(out)
     if out_type not in OUT_TYPES:
         raise NibbletuneError(f"GGUF type must be one of {OUT_TYPES}, got {out_type!r}")
     config = read_config_json(root)
     arch_name, permute = model_arch(config, root)
+    window = config.get("sliding_window")
+    if window and config.get("use_sliding_window", True) and window < config.get("max_position_embeddings", 0):
+        logger.warning("%s: sliding_window=%d is not stored in GGUF (llama.cpp attends to the whole context, "
+                       "as convert_hf_to_gguf does); outputs differ past %d tokens", root, window, window)
     checkpoint = open_checkpoint(root)
     with checkpoint, staged_output(out, overwrite, is_dir=False) as staging:
         plan = _plan(gguf, checkpoint, config, arch_name, out_type)
         writer = gguf.GGUFWriter(str(staging), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch_name)])
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or root.resolve().name)
-        _hparams(writer, config, int(getattr(gguf.LlamaFileType, _TYPES[out_type][1])))
+        _hparams(writer, gguf, config, int(getattr(gguf.LlamaFileType, _TYPES[out_type][1])))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _tokenizer(writer, gguf, root, config["vocab_size"])
+        _tokenizer(writer, gguf, root, config["vocab_size"], tokenizer_pre)
         for key, gguf_name, qtype in plan:
-            shape = tuple(checkpoint.infos[key].shape)
+            shape = key.shape if isinstance(key, np.ndarray) else tuple(checkpoint.infos[key].shape)
             if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                 dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
                 writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
@@ -240,7 +329,7 @@ def verify_gguf(gguf, path: Path, checkpoint, plan, config: dict, permute: bool,
     for key, gguf_name, qtype in plan:
         tensor = by_name.get(gguf_name)
         if tensor is None:
-            raise GGUFExportError(f"{path}: tensor '{gguf_name}' (from '{key}') is missing")
+            raise GGUFExportError(f"{path}: tensor '{gguf_name}' is missing")
         if tensor.tensor_type != qtype:
             raise GGUFExportError(f"{path}: tensor '{gguf_name}' has type {tensor.tensor_type.name}, expected {qtype.name}")
         source = _source_array(checkpoint, key, config, permute)

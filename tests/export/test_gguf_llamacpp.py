@@ -1,0 +1,102 @@
+"""llama.cpp itself loads our GGUF files and computes the transformers logits (tests/export/llamacpp_check.py).
+
+Runs when `llama_cpp` imports in this interpreter, or when NIBBLETUNE_LLAMA_CPP_PYTHON names a python
+that has it (e.g. a scratch venv: python3 -m venv /tmp/llamaenv && /tmp/llamaenv/bin/pip install
+llama-cpp-python numpy); skipped otherwise.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+pytest.importorskip("gguf")
+
+from export_helpers import save_model
+from test_gguf_forward import TEXT, tiny_family
+
+from nibbletune.export import merge
+from nibbletune.export.gguf_export import export_gguf
+from nibbletune.export.gguf_lora import export_gguf_lora
+
+CHECK = Path(__file__).with_name("llamacpp_check.py")
+# max |llama.cpp - HF float32| / std(HF logits) accepted. llama.cpp's CPU kernels also round the
+# activations (to f16 for f16 weights, to q8_0 blocks for q8_0 ones), so these sit above the
+# weight-only rounding of test_gguf_forward. Measured (llama / qwen2-tied): f32 2.2e-6 / 1.6e-6,
+# f16 3.1e-3 / 2.1e-3, q8_0 8.1e-2 / 8.7e-2; limits are ~3-10x that.
+LIMITS = {"f32": 2e-5, "f16": 1.5e-2, "q8_0": 0.3}
+
+
+def _llama_cpp_python() -> str | None:
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return sys.executable
+    return os.environ.get("NIBBLETUNE_LLAMA_CPP_PYTHON") or None
+
+
+PYTHON = _llama_cpp_python()
+pytestmark = pytest.mark.skipif(PYTHON is None, reason="llama_cpp not importable and NIBBLETUNE_LLAMA_CPP_PYTHON unset")
+
+
+def run_check(tmp_path: Path, gguf_path: Path, expected: torch.Tensor, tokens: list[int], *extra: str) -> dict:
+    """Run llamacpp_check.py under PYTHON; return its JSON report (the test asserts on it)."""
+    np.save(tmp_path / "expected.npy", expected.float().numpy())
+    command = [PYTHON, str(CHECK), str(gguf_path), str(tmp_path / "expected.npy"),
+               "--tokens", ",".join(map(str, tokens)), "--max-rel", "1e9", "--min-top1", "0", *extra]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip(), f"llamacpp_check.py printed nothing; stderr:\n{done.stderr[-3000:]}"
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps({k: v for k, v in report.items() if k != "llama_cpp_ids"}))
+    return report
+
+
+@pytest.fixture(scope="module")
+def token_ids(tokenizer):
+    return tokenizer(TEXT)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer, token_ids):
+    """{family: (model dir, HF float32 logits)} for a Llama (untied, GQA) and a Qwen2 (tied, biases)."""
+    root = tmp_path_factory.mktemp("llamacpp")
+    out = {}
+    for family in ("llama", "qwen2-tied"):
+        model = tiny_family(family, len(tokenizer))
+        with torch.no_grad():
+            logits = model(torch.tensor([token_ids])).logits[0]
+        out[family] = (save_model(model, root / family, tokenizer), logits)
+    return out
+
+
+@pytest.mark.parametrize("out_type", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
+def test_llama_cpp_logits_match_transformers(models, token_ids, tmp_path, family, out_type):
+    path, expected = models[family]
+    export_gguf(path, tmp_path / "m.gguf", out_type)
+    report = run_check(tmp_path, tmp_path / "m.gguf", expected, token_ids,
+                       "--text", TEXT, "--text-ids", ",".join(map(str, token_ids)))
+    assert report["tokenize_match"], f"llama.cpp tokenized {TEXT!r} as {report['llama_cpp_ids']}, HF as {token_ids}"
+    assert report["max_rel"] <= LIMITS[out_type]
+    assert report["top1"] >= (1.0 if out_type != "q8_0" else 0.9)
+
+
+def test_llama_cpp_lora_adapter_matches_merged(base_dir, adapter_dir, token_ids, tmp_path):
+    """base GGUF + `--lora` GGUF adapter in llama.cpp == transformers on the merged (16/32-bit base) model."""
+    merge(base_dir, adapter_dir, tmp_path / "merged", dtype="float32", base_16bit=base_dir, verify=False)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = merged(torch.tensor([token_ids])).logits[0]
+    export_gguf(base_dir, tmp_path / "base.gguf", "f32")
+    for lora_type in ("f32", "f16", "q8_0"):
+        export_gguf_lora(adapter_dir, tmp_path / f"lora-{lora_type}.gguf", base_dir, lora_type)
+        report = run_check(tmp_path, tmp_path / "base.gguf", expected, token_ids,
+                           "--lora", str(tmp_path / f"lora-{lora_type}.gguf"))
+        assert report["max_rel"] <= LIMITS[lora_type] and report["top1"] == 1.0
+    # without the adapter llama.cpp is far from the merged model: the adapter was applied
+    assert run_check(tmp_path, tmp_path / "base.gguf", expected, token_ids)["max_rel"] > 100 * LIMITS["f32"]
