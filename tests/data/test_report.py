@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import make_bpe_tokenizer, make_word_tokenizer, write_rows
-from nibbletune.data import build_dataset, render_report
+from nibbletune.data import DataError, build_dataset, render_report
 
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
 CHAT = [{"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi there"}]}]
@@ -66,11 +68,20 @@ def test_warning_everything_masked(tmp_path, word_tokenizer):
     assert f"every token is masked: {expected}" in report
 
 
-def test_warning_chat_template_missing(tmp_path):
+@pytest.mark.parametrize("row", [{"prompt": "say", "completion": " hi"}, {"instruction": "say", "output": "hi"},
+                                 {"text": "say hi"}])
+def test_no_chat_template_warning_for_formats_without_one(tmp_path, row):
     tokenizer = make_word_tokenizer(chat_template=None)
-    dataset = build(tmp_path, [{"prompt": "say", "completion": " hi"}], tokenizer)
-    assert any(warning.startswith("chat template missing") for warning in dataset.warnings)
-    assert "chat template missing" in render_report(dataset, tokenizer)
+    dataset = build(tmp_path, [row], tokenizer, seq_len=128)
+    assert dataset.examples and not any("chat template" in warning for warning in dataset.warnings)
+    assert "chat template" not in render_report(dataset, tokenizer, color=False)
+
+
+def test_chat_data_without_a_chat_template_is_refused(tmp_path):
+    tokenizer = make_word_tokenizer(chat_template=None)
+    rows = [{"messages": [{"role": "user", "content": "say"}, {"role": "assistant", "content": "hi"}]}]
+    with pytest.raises(DataError, match="needs the tokenizer's chat template"):
+        build(tmp_path, rows, tokenizer)
 
 
 def test_warning_alpaca_with_a_chat_template(tmp_path, word_tokenizer):

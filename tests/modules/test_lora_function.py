@@ -120,3 +120,21 @@ def test_saves_only_packed_weight_and_small_activations():
     sizes = sorted(tuple(t.shape) for t in saved if t is not None)
     assert (256, 256) not in sizes, "the dequantized weight must not be kept for backward"
     assert max(t.numel() for t in saved if t is not None) <= 256 * 256 // 2  # packed codes: half a byte each
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_under_autocast(dtype):
+    layer = _layer("nf4", torch.float32, bias=True, dropout=0.1)
+    x = torch.randn(2, 5, 96, requires_grad=True)
+    state = torch.get_rng_state()
+    with torch.autocast("cpu", dtype=dtype):
+        y = layer(x)
+    y.float().sum().backward()
+    grads = [x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()]
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    torch.set_rng_state(state)
+    layer(x).sum().backward()
+    for got, want in zip(grads, [x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)

@@ -27,14 +27,37 @@ def run_steps(optimizer_factory, steps=6):
     return params, optimizer
 
 
+class CountingPagedAdamW(PagedAdamW):
+    """Records the largest piece of moments held in memory between a read and its write-back."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.in_memory, self.largest = 0, 0
+
+    def _read(self, offset, out):
+        super()._read(offset, out)
+        self.in_memory += out.numel() * 4
+        self.largest = max(self.largest, self.in_memory)
+
+    def _write(self, offset, values):
+        super()._write(offset, values)
+        self.in_memory -= values.numel() * 4
+
+
 @pytest.mark.parametrize("budget_bytes", [8 * 1024, 8 * 3000, 64 * 2**20])
 def test_paged_adamw_equals_adamw(budget_bytes, tmp_path):
     reference, torch_opt = run_steps(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=False))
-    paged, paged_opt = run_steps(lambda p: PagedAdamW(p, lr=1e-2, weight_decay=0.1, budget_bytes=budget_bytes,
-                                                      directory=str(tmp_path)))
+    paged, paged_opt = run_steps(lambda p: CountingPagedAdamW(p, lr=1e-2, weight_decay=0.1,
+                                                              budget_bytes=budget_bytes, directory=str(tmp_path)))
     for a, b in zip(reference, paged):
         assert torch.equal(a, b)
-    assert paged_opt.resident_bytes <= max(budget_bytes, 8 * 1024)
+    budget = max(budget_bytes, 8 * 1024)  # the smallest piece is 1024 values of both moments
+    assert paged_opt.resident_bytes <= budget
+    assert 0 < paged_opt.largest <= budget and paged_opt.in_memory == 0
+    if budget_bytes < 4096 * 3 * 8:
+        assert paged_opt.largest < 4096 * 3 * 8  # the largest parameter's moments were split into pieces
+    # Between steps only the step counters stay in memory; the moments live in the file.
+    assert all(set(state) == {"step"} for state in paged_opt.state.values())
     expected, got = torch_opt.state_dict()["state"], paged_opt.state_dict()["state"]
     for index in expected:
         for name in ("step", "exp_avg", "exp_avg_sq"):

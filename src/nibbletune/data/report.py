@@ -4,7 +4,7 @@ This is the report behind ``nibbletune data``: look at what the model will actua
 before spending hours on it. :func:`render_report` shows a few samples with their trained tokens
 highlighted (green with ``color``, else between ``[[`` and ``]]``), the statistics, and the warnings
 :func:`find_warnings` raises for classic mistakes: no EOS among the trained tokens, every token
-masked, many samples truncated, data rendered without (or past) the model's chat template.
+masked, many samples truncated, alpaca data rendered past the model's chat template.
 """
 
 from __future__ import annotations
@@ -126,13 +126,10 @@ def find_warnings(stats: DataStats, tokenizer) -> list[str]:
             f"{stats.dropped_truncated} rows were dropped: all their trained tokens lie past "
             f"seq_len={stats.seq_len}"
         )
+    # A missing chat template matters only for chat data, where build_dataset refuses it (DataError);
+    # text, completion and alpaca rows are rendered without one, so there is nothing to warn about.
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    if stats.format in ("completion", "alpaca") and not has_template:
-        warnings.append(
-            "chat template missing: the tokenizer has no chat_template, so after training prompts must be "
-            f"written exactly as in the {stats.format} data (chat front-ends cannot format them)"
-        )
-    elif stats.format == "alpaca" and has_template:
+    if stats.format == "alpaca" and has_template:
         warnings.append(
             "the tokenizer has a chat template, but alpaca rows are rendered with the Alpaca prompt instead: "
             "chat front-ends will prompt the model in a format it was not tuned on; use 'messages' rows"

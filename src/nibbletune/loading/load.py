@@ -23,6 +23,7 @@ import ctypes.util
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -77,6 +78,7 @@ def load_model(
     skip_modules: list[str] | None = None,
     trust_remote_code: bool = False,
     model_class: type | str | None = None,
+    quantize_weight: Callable | None = None,
 ) -> nn.Module:
     """Load a transformers model from a safetensors directory with its linears in 4 bits.
 
@@ -91,6 +93,11 @@ def load_model(
     `model_class`: a transformers Auto class (or a concrete model class), or one of "causal-lm",
     "base", "masked-lm", "sequence-classification". By default a config whose architectures name
     a causal LM loads with AutoModelForCausalLM, anything else (BERT encoders) with AutoModel.
+
+    `quantize_weight(model, name, weight) -> QuantizedTensor | None`: called with each linear's
+    full-precision weight ([out, in]) before it is quantized; a QuantizedTensor it returns is
+    stored instead of `quantize(weight)` (None: quantize as usual). LoftQ initialisation uses it
+    (`nibbletune.modules.loftq.LoftQBase`), since the full-precision weight is gone afterwards.
 
     Errors (all NibbletuneError, one line naming the file or tensor): FormatError for a missing
     or corrupt file, pickle-only checkpoints, missing weights and shape mismatches;
@@ -109,7 +116,7 @@ def load_model(
         position = {key: (str(info.file), info.offset) for key, info in checkpoint.infos.items()}
         linears.sort(key=lambda plan: position[plan.weight_key])  # read each file front to back
         for plan in linears:
-            _load_linear(model, checkpoint, plan, dtype, quant_type, blocksize, double_quant)
+            _load_linear(model, checkpoint, plan, dtype, quant_type, blocksize, double_quant, quantize_weight)
             _return_freed_memory()
         done = {plan.weight_key for plan in linears} | {plan.bias_key for plan in linears}
         for name, key in sorted(sources.items(), key=lambda item: position[item[1]]):
@@ -306,7 +313,8 @@ def _check_quant_state_shape(checkpoint: Checkpoint, weight_key: str, features: 
         )
 
 
-def _load_linear(model, checkpoint, plan: _LinearPlan, dtype, quant_type, blocksize, double_quant) -> None:
+def _load_linear(model, checkpoint, plan: _LinearPlan, dtype, quant_type, blocksize, double_quant,
+                 quantize_weight: Callable | None = None) -> None:
     """Read, quantize (or decode) and install one linear as LinearNF4."""
     module = model.get_submodule(plan.name)
     if plan.prequantized:
@@ -320,7 +328,9 @@ def _load_linear(model, checkpoint, plan: _LinearPlan, dtype, quant_type, blocks
         if value.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             value = value.float()
         try:
-            weight = quantize(value, quant_type, blocksize, double_quant)
+            weight = quantize_weight(model, plan.name, value) if quantize_weight is not None else None
+            if weight is None:
+                weight = quantize(value, quant_type, blocksize, double_quant)
         except QuantizationError as exc:
             raise QuantizationError(f"{checkpoint.infos[plan.weight_key].file}: tensor '{plan.weight_key}': {exc}") from None
         del value

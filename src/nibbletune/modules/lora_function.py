@@ -79,6 +79,7 @@ class LoraLinearFunction(torch.autograd.Function):
         leading_shape = grad_out.shape[:-1]
         g = grad_out.reshape(-1, lora_B.shape[0])
         ga = g.to(lora_B.dtype)
+        h, xd = h.to(ga.dtype), xd.to(ga.dtype)  # under autocast, forward may have produced 16-bit h
         grad_x = grad_bias = grad_A = grad_B = None
         gh = (ga @ lora_B).mul_(scaling)  # [T, r]
         if ctx.needs_input_grad[2]:

@@ -6,7 +6,8 @@ A checkpoint is a directory `output_dir/checkpoints/step-00000012/` holding
 * `trainer_state.safetensors`: every tensor of the optimizer state (`optimizer.<param index>.<name>`)
   and the torch RNG states (`rng.torch`, `rng.cuda.<device>`);
 * `trainer_state.json`: step, data position, optimizer param groups and non-tensor state,
-  scheduler state, Python and NumPy RNG states, and the config of the run.
+  scheduler state, float16 loss-scaler state, Python and NumPy RNG states, and the config of the run;
+* `loftq.json` when the adapters were initialised with LoftQ (`modules/loftq.py`).
 
 It is written into a hidden temporary directory, fsynced, and renamed into place with
 `os.replace`, so a run killed at any moment leaves either the previous set of checkpoints or
@@ -148,9 +149,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_loftq_note(model, directory: str | Path) -> None:
+    """Write `loftq.json` into an adapter directory when `model`'s adapters were LoftQ-initialised."""
+    from ..modules.loftq import LOFTQ_NOTE
+
+    note = getattr(model, "loftq_note", None)
+    if note is not None:
+        (Path(directory) / LOFTQ_NOTE).write_text(json.dumps(note, indent=2) + "\n")
+
+
 def save_checkpoint(output_dir: str | Path, state: TrainState, model, settings, base_model: str,
-                    optimizer, scheduler, config_dict: dict, keep: int) -> Path:
-    """Write a checkpoint for `state.step` atomically; keep the newest `keep` (0 = all)."""
+                    optimizer, scheduler, config_dict: dict, keep: int, loss_scaling=None) -> Path:
+    """Write a checkpoint for `state.step` atomically; keep the newest `keep` (0 = all).
+
+    `loss_scaling`: the loop's `precision.LossScaling`, whose float16 scaler state is saved too.
+    """
     from ..loading.peft_adapter import save_adapter
 
     root = checkpoint_root(output_dir)
@@ -160,6 +173,7 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, settings, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_adapter(model, tmp, settings, base_model)
+    write_loftq_note(model, tmp)
     optimizer_json, tensors = split_optimizer_state(optimizer.state_dict())
     rng_json, rng_tensors = rng_state()
     save_file({**tensors, **rng_tensors}, str(tmp / STATE_TENSORS))
@@ -169,6 +183,7 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, settings, 
         "micro_batches": state.micro_batches,
         "optimizer": optimizer_json,
         "scheduler": scheduler.state_dict(),
+        "grad_scaler": loss_scaling.state_dict() if loss_scaling is not None else None,
         "rng": rng_json,
         "config": config_dict,
     }
@@ -214,13 +229,15 @@ def restore_adapter_weights(model, path: Path) -> None:
                 param.copy_(tensors[key])
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler and RNG from a checkpoint; return the state."""
+def load_checkpoint(path: str | Path, model, optimizer, scheduler, loss_scaling=None) -> TrainState:
+    """Restore adapter weights, optimizer, scheduler, loss scaler and RNG from a checkpoint; return the state."""
     path = Path(path)
     meta = read_checkpoint_meta(path)
     restore_adapter_weights(model, path)
     tensors = load_file(str(path / STATE_TENSORS))
     optimizer.load_state_dict(join_optimizer_state(meta["optimizer"], tensors))
     scheduler.load_state_dict(meta["scheduler"])
+    if loss_scaling is not None:
+        loss_scaling.load_state_dict(meta.get("grad_scaler"))
     set_rng_state(meta["rng"], tensors)
     return TrainState(step=meta["step"], micro_batches=meta["micro_batches"])

@@ -59,7 +59,9 @@ class LoraConfig(_Section):
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA) magnitude vector")
     init: Literal["default", "gaussian", "loftq"] = Field(
-        "default", description="adapter initialisation: default (Kaiming A, zero B), gaussian, loftq")
+        "default", description="adapter initialisation: default (Kaiming A, zero B), gaussian, or loftq "
+        "(base quantized as Q(W - scaling B A) while loading; the adapter then needs that base, see loftq.json)")
+    loftq_iters: int = Field(1, gt=0, description="alternating quantize/SVD rounds of lora.init loftq")
 
 
 class TrainSection(_Section):
@@ -220,6 +222,9 @@ def load_config(yaml_path: str | Path | None, overrides: list[str] | None = None
 
 def check_against_model(config: TrainConfig, model_config) -> None:
     """Checks that need the base model's config: sequence length and adapter targets."""
+    if config.lora.init == "loftq" and getattr(model_config, "quantization_config", None) is not None:
+        raise ConfigError(f"'lora.init' loftq needs the full-precision weights, but {config.model} is a "
+                          "pre-quantized 4-bit checkpoint; use its full-precision original")
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and config.train.seq_len > limit:
         raise ConfigError(

@@ -5,7 +5,10 @@ share of the step's loss. The loss of a step is the mean cross-entropy over ever
 token of all its micro-batches (sum over tokens / trained tokens of the whole step), so
 accumulating 4 x 2 sequences gives the gradient of one batch of 8, whatever the padding.
 Then: a NaN/inf check (the run stops before the weights are touched), gradient clipping,
-the optimizer and scheduler steps, then logging, eval and checkpoints as configured.
+the optimizer and scheduler steps, then logging, eval and checkpoints as configured. With
+float16 compute the loss is scaled (`precision.py`): a step whose gradients overflowed is
+skipped (logged with "skipped": true; the step still counts and consumes its data), and
+`MAX_SKIPPED_STEPS` of them in a row stop the run as diverged.
 
 Determinism: the adapters are initialised right after seeding; the data order of epoch e is a
 permutation drawn from its own generator seeded with (seed, e); dropout draws from the
@@ -22,8 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ import torch
 
 from ..devices import resolve_compute_dtype
 from ..errors import NibbletuneError
+from .batches import BatchStream, evaluate, model_inputs, token_loss_sum, trained_tokens
 from .checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -38,13 +41,15 @@ from .checkpoint import (
     read_checkpoint_meta,
     remove_stale_temporaries,
     save_checkpoint,
+    write_loftq_note,
 )
 from .config import ConfigError, TrainConfig, check_against_model, save_config
 from .metrics import MetricsLog, format_postfix, peak_memory_bytes, plot_loss_curve, progress_bar
 from .optim import build_optimizer
+from .precision import MAX_SKIPPED_STEPS, LossScaling, autocast_factory, step_scheduler
 from .schedule import build_scheduler
 
-IGNORE_INDEX = -100
+_DATA_STREAM_KEYS = ("seed", "micro_batch_size", "seq_len", "packing")
 
 
 class TrainingDiverged(NibbletuneError, RuntimeError):
@@ -84,71 +89,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class BatchStream:
-    """Micro-batches in a seeded per-epoch order; `position` counts micro-batches handed out."""
-
-    def __init__(self, examples: list, micro_batch_size: int, seed: int, pad_token_id: int, position: int = 0):
-        self.examples = examples
-        self.micro_batch_size = micro_batch_size
-        self.seed = seed
-        self.pad_token_id = pad_token_id
-        self.per_epoch = math.ceil(len(examples) / micro_batch_size)
-        self.position = position
-        self._order_epoch, self._order = -1, None
-
-    def next(self) -> dict[str, torch.Tensor]:
-        from ..data import collate
-
-        epoch, index = divmod(self.position, self.per_epoch)
-        if epoch != self._order_epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order, self._order_epoch = torch.randperm(len(self.examples), generator=generator).tolist(), epoch
-        chosen = self._order[index * self.micro_batch_size:(index + 1) * self.micro_batch_size]
-        self.position += 1
-        return collate([self.examples[i] for i in chosen], self.pad_token_id)
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over trained positions (labels are unshifted, HF style)."""
-    shifted_logits = logits[:, :-1, :].float()            # (B, T-1, V)
-    shifted_labels = labels[:, 1:]                         # (B, T-1)
-    return torch.nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def trained_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def _model_inputs(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
-
-
-@torch.no_grad()
-def evaluate(model, examples: list, micro_batch_size: int, pad_token_id: int, device, autocast) -> float:
-    """Mean next-token loss over every trained token of `examples`."""
-    from ..data import collate
-
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), micro_batch_size):
-        batch = collate(examples[start:start + micro_batch_size], pad_token_id)
-        with autocast():
-            logits = model(**_model_inputs(batch, device)).logits
-        total += float(token_loss_sum(logits, batch["labels"].to(device)))
-        count += trained_tokens(batch["labels"])
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def _autocast_factory(device: torch.device, dtype: torch.dtype):
-    if dtype in (torch.bfloat16, torch.float16):
-        return lambda: torch.autocast(device.type, dtype=dtype)
-    return nullcontext
-
-
 def lora_settings(config: TrainConfig):
     from ..modules import LoraSettings
 
@@ -157,18 +97,39 @@ def lora_settings(config: TrainConfig):
                         use_rslora=lora.use_rslora, use_dora=lora.use_dora, init=lora.init)
 
 
+def loftq_base(config: TrainConfig):
+    """The LoftQ quantizer for `load_model` when lora.init is loftq, else None."""
+    if config.lora.init != "loftq":
+        return None
+    from ..modules import LoftQSettings
+    from ..modules.loftq import LoftQBase
+
+    quant = config.quant
+    return LoftQBase(lora_settings(config), LoftQSettings(num_iters=config.lora.loftq_iters, quant_type=quant.type,
+                                                          blocksize=quant.blocksize, double_quant=quant.double_quant))
+
+
 def prepare_model(config: TrainConfig, device: torch.device):
-    """Load the 4-bit base and put the seeded adapters in place; returns (model, settings)."""
+    """Load the 4-bit base and put the seeded adapters in place; returns (model, settings).
+
+    With lora.init loftq the base linears are quantized with LoftQ while they stream in (the
+    only time their full-precision weights exist), then the LoRA factors are copied in.
+    """
     from ..loading import load_model
     from ..modules import apply_lora
 
+    loftq = loftq_base(config)
     model = load_model(config.model, quant_type=config.quant.type, double_quant=config.quant.double_quant,
-                       blocksize=config.quant.blocksize, compute_dtype=config.quant.compute_dtype)
+                       blocksize=config.quant.blocksize, compute_dtype=config.quant.compute_dtype,
+                       quantize_weight=loftq)
     settings = lora_settings(config)
     seed_everything(config.train.seed)
-    targets = apply_lora(model, settings)
+    targets = apply_lora(model, replace(settings, init="default") if loftq else settings)
     if not targets:
         raise ConfigError(f"'lora.target_modules' {config.lora.target_modules!r} matches no linear layer of the model")
+    if loftq:
+        loftq.apply(model)
+        model.loftq_note = loftq.note()
     model.to(device)
     if config.train.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
@@ -212,7 +173,9 @@ class Trainer:
         check_against_model(config, load_model_config(Path(config.model)))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.compute_dtype = resolve_compute_dtype(config.quant.compute_dtype, self.device)
-        self.autocast = _autocast_factory(self.device, self.compute_dtype)
+        self.autocast = autocast_factory(self.device, self.compute_dtype)
+        self.loss_scaling = LossScaling(self.compute_dtype, self.device)
+        self.skipped_in_a_row = 0
         self.tokenizer = load_tokenizer(config.model)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
@@ -226,6 +189,10 @@ class Trainer:
             for warning in getattr(dataset, "warnings", None) or []:
                 print(f"nibbletune train: warning ({name}): {warning}", file=sys.stderr)
         self.resume_from = self._resolve_resume()
+        earlier = latest_checkpoint(self.output_dir)
+        if self.resume_from is None and earlier is not None:
+            raise ConfigError(f"output_dir {self.output_dir} holds checkpoints of an earlier run (latest {earlier.name});"
+                              " continue it with --resume, or choose another output_dir")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.output_dir)
         save_config(config, self.output_dir / "config.yaml")
@@ -240,7 +207,8 @@ class Trainer:
                                          config.train.scheduler)
         self.state = TrainState()
         if self.resume_from is not None:
-            self.state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler)
+            self.state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler,
+                                         self.loss_scaling)
             self.model.train()
         self.batches = BatchStream(self.train_data.examples, config.train.micro_batch_size, config.train.seed,
                                    self.pad_token_id, position=self.state.micro_batches)
@@ -253,21 +221,25 @@ class Trainer:
         if path is None:
             raise ConfigError(f"--resume: no checkpoint under {Path(self.config.output_dir) / 'checkpoints'}")
         meta = read_checkpoint_meta(path)
-        saved = meta.get("config", {})
-        for key in ("model", "quant", "lora"):
-            if saved.get(key) != self.config.model_dump(mode="json")[key]:
+        saved, now = meta.get("config", {}), self.config.model_dump(mode="json")
+        for key in ("model", "quant", "lora", "data"):
+            if saved.get(key) != now[key]:
                 raise ConfigError(f"--resume {path}: '{key}' differs from the checkpoint's run; it must not change")
+        for key in _DATA_STREAM_KEYS:  # the saved data position counts micro-batches of this stream
+            if saved.get("train", {}).get(key) != now["train"][key]:
+                raise ConfigError(f"--resume {path}: 'train.{key}' differs from the checkpoint's run "
+                                  f"({saved.get('train', {}).get(key)!r}); it must not change")
         return path
 
     def _save(self) -> Path:
         path = save_checkpoint(self.output_dir, self.state, self.model, self.settings, self.config.model,
                                self.optimizer, self.scheduler, self.config.model_dump(mode="json"),
-                               self.config.train.keep_checkpoints)
+                               self.config.train.keep_checkpoints, self.loss_scaling)
         self.last_checkpoint = path
         return path
 
-    def _step(self) -> tuple[float, float, int]:
-        """One optimizer step; returns (loss, grad_norm, input tokens)."""
+    def _step(self) -> tuple[float, float | None, int]:
+        """One optimizer step; returns (loss, grad_norm or None for a skipped float16 step, input tokens)."""
         micro = [self.batches.next() for _ in range(self.config.train.grad_accum)]
         step_tokens = max(1, sum(trained_tokens(b["labels"]) for b in micro))
         loss_total = torch.zeros((), dtype=torch.float64)
@@ -275,9 +247,9 @@ class Trainer:
         for batch in micro:
             labels = batch["labels"].to(self.device)
             with self.autocast():
-                logits = self.model(**_model_inputs(batch, self.device)).logits
+                logits = self.model(**model_inputs(batch, self.device)).logits
             loss = token_loss_sum(logits, labels) / step_tokens
-            loss.backward()
+            self.loss_scaling.backward(loss)
             loss_total += loss.detach().double().cpu()
             mask = batch.get("attention_mask")
             input_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
@@ -285,17 +257,22 @@ class Trainer:
         step = self.state.step + 1
         if not math.isfinite(loss_value):
             self._diverged(f"loss is {loss_value} at step {step}")
+        self.loss_scaling.unscale(self.optimizer)
         max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if not math.isfinite(grad_norm):
+        if not math.isfinite(grad_norm) and not self.loss_scaling.enabled:
             self._diverged(f"gradient norm is {grad_norm} at step {step} (loss {loss_value:.4f})")
         self.step_lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        applied = self.loss_scaling.step(self.optimizer)  # float16: skipped when the gradients overflowed
+        step_scheduler(self.scheduler, applied)
         self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_in_a_row = 0 if applied else self.skipped_in_a_row + 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+            self._diverged(f"float16 gradients overflowed on {self.skipped_in_a_row} steps in a row (up to step "
+                           f"{step}, loss scale now {self.loss_scaling.scale:g}); use bfloat16 or float32 compute")
         self.state.step = step
         self.state.micro_batches = self.batches.position
-        return loss_value, grad_norm, input_tokens
+        return loss_value, grad_norm if applied else None, input_tokens
 
     def _diverged(self, what: str) -> None:
         kept = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved"
@@ -332,6 +309,9 @@ class Trainer:
                 record = {"step": self.state.step, "loss": loss, "lr": self.step_lr,
                           "grad_norm": grad_norm, "tokens_per_s": tokens / max(seconds, 1e-9),
                           "peak_mem_bytes": peak_memory_bytes(self.device)}
+                if self.loss_scaling.enabled:
+                    record["loss_scale"] = self.loss_scaling.scale
+                    record["skipped"] = grad_norm is None
                 last = self.state.step == self.total_steps
                 if self.eval_data is not None and ((config.eval_every and self.state.step % config.eval_every == 0)
                                                    or last):
@@ -341,9 +321,10 @@ class Trainer:
                     record["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
                 if self.state.step % config.log_every == 0 or last or "eval_loss" in record:
                     metrics.write(record)
-                if bar is not None:
+                if bar is not None:  # tqdm adds the ETA; the postfix shows on this update's redraw
+                    bar.set_postfix_str(format_postfix(loss, record["tokens_per_s"], record["peak_mem_bytes"]),
+                                        refresh=False)
                     bar.update(1)
-                    bar.set_postfix_str(format_postfix(loss, record["tokens_per_s"], record["peak_mem_bytes"]))
                 if self.hooks.on_step:
                     self.hooks.on_step(self, record)
                 if config.save_every and self.state.step % config.save_every == 0 and not last:
@@ -368,6 +349,7 @@ class Trainer:
         from ..loading.peft_adapter import save_adapter
 
         save_adapter(self.model, self.output_dir, self.settings, self.config.model)
+        write_loftq_note(self.model, self.output_dir)
         plot_loss_curve(self.output_dir)
 
 

@@ -30,10 +30,19 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The records of metrics.jsonl; a last line cut short (a run killed mid-write) is left out."""
     path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+    return records
 
 
 class MetricsLog:
