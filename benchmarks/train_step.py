@@ -84,7 +84,7 @@ def main() -> None:
     from nibbletune.devices import resolve_compute_dtype, simd_summary
     from nibbletune.loading import load_model
     from nibbletune.modules import LoraSettings, apply_lora
-    from nibbletune.train.loop import token_loss_sum
+    from nibbletune.train.batches import token_loss_sum
 
     dtype = resolve_compute_dtype("auto")
     print(f"CPU: {platform.processor() or platform.machine()}; SIMD flags: {simd_summary()}; "

@@ -41,11 +41,14 @@ class BatchStream:
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over trained positions (labels are unshifted, HF style)."""
-    shifted_logits = logits[:, :-1, :].float()            # (B, T-1, V)
-    shifted_labels = labels[:, 1:]                         # (B, T-1)
+    """Sum of next-token cross-entropy over trained positions (labels are unshifted, HF style).
+
+    The labels are shifted left (the last position gets IGNORE_INDEX) instead of slicing the
+    logits, so the [B, T, V] logits are neither copied here nor zero-filled in backward.
+    """
+    shifted_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
     return torch.nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
+        logits.float().reshape(-1, logits.size(-1)), shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX, reduction="sum")
 
 
