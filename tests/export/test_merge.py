@@ -7,7 +7,7 @@ import pytest
 import torch
 from export_helpers import make_adapter, save_model, tiny_llama
 
-from nibbletune.errors import FormatError
+from nibbletune.errors import FormatError, NibbletuneError
 from nibbletune.export import OutputExistsError, merge, quantize_checkpoint
 from nibbletune.export.adapter_files import AdapterMismatchError, read_adapter
 from nibbletune.export.verify import VerificationError
@@ -142,3 +142,16 @@ def test_base_missing_a_target_weight(base_dir, adapter_dir, tmp_path):
     with pytest.raises(FormatError, match="down_proj.weight"):
         merge(base, adapter_dir, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_multi_round_loftq_adapter_is_refused(base_dir, adapter_dir, tmp_path):
+    from nibbletune.modules.loftq import LOFTQ_NOTE
+
+    adapter = tmp_path / "loftq_adapter"
+    shutil.copytree(adapter_dir, adapter)
+    (adapter / LOFTQ_NOTE).write_text(json.dumps({"init": "loftq", "num_iters": 2, "base_is_plain_quantization": False}))
+    with pytest.raises(NibbletuneError, match="2-round LoftQ adapter"):
+        merge(base_dir, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (adapter / LOFTQ_NOTE).write_text(json.dumps({"init": "loftq", "num_iters": 1, "base_is_plain_quantization": True}))
+    merge(base_dir, adapter, tmp_path / "out")  # one round: trained on plain Q(W), merges as usual

@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import FormatError, NibbletuneError
 from ..loading.safetensors_io import open_checkpoint
 from ..loading.surgery import select_linears
+from ..modules.loftq import read_loftq_note
 from ..quant import from_bnb_state_dict, quantize
 from ..quant.bnb_format import bnb_state_keys, is_bnb_quantized
 from .adapter_files import check_adapter_fits, merged_lora_weight, read_adapter
@@ -95,6 +96,7 @@ def merge(
     base, out = Path(base), Path(out)
     check_output(out, overwrite)
     lora = read_adapter(adapter)
+    _refuse_rebuilt_loftq_base(adapter)
     settings = lora.quant_settings()
     overrides = {k: v for k, v in (quant_settings or {}).items() if v is not None}
     if overrides:
@@ -164,6 +166,15 @@ def merge(
             )
         output_bytes = writer.total_bytes
     return MergeReport(out, out_dtype_name, merged_count, output_bytes, bool(base_16bit), verification, settings)
+
+
+def _refuse_rebuilt_loftq_base(adapter) -> None:
+    """A LoftQ adapter of 2+ rounds was trained on Q(W - s B0 A0), which this merge does not rebuild."""
+    note = read_loftq_note(adapter)
+    if note and not note.get("base_is_plain_quantization", True):
+        raise NibbletuneError(
+            f"{adapter}: a {note.get('num_iters')}-round LoftQ adapter was trained on the base Q(W - s*B0*A0), "
+            "not on Q(W) or W, so a merge onto either would change its outputs; see its loftq.json")
 
 
 def _default_dtype(raw_config: dict) -> str:
