@@ -1,7 +1,6 @@
 """Fixtures for tests/loading."""
 
 import pytest
-
 from loading_helpers import build_model
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import transformers
 
-from nibbletune.modules import LinearNF4
 from nibbletune.loading.surgery import select_linears, to_linear_layout
+from nibbletune.modules import LinearNF4
 from nibbletune.quant import quantize
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)

@@ -6,13 +6,12 @@ import struct
 
 import pytest
 import torch
+from loading_helpers import dequantized_reference, model_output
 from safetensors.torch import save_file
 
 from nibbletune.errors import FormatError, NibbletuneError, QuantizationError
 from nibbletune.loading import UnsupportedModelError, load_model, load_tokenizer, open_checkpoint
 from nibbletune.loading.safetensors_io import read_header
-
-from loading_helpers import FAMILIES, count_nf4, dequantized_reference, model_output
 
 
 @pytest.fixture

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from loading_helpers import DECODERS, FAMILIES, count_nf4, dequantized_reference, model_output
 
 from nibbletune.loading import load_model
 from nibbletune.loading.surgery import count_linears
-
-from loading_helpers import DECODERS, FAMILIES, count_nf4, dequantized_reference, model_output
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -133,7 +133,7 @@ def _loftq_cosine(full, minilm, r: int, blocksize: int = 64) -> tuple[float, flo
     model = copy.deepcopy(full)
     bits = params = 0
     with torch.no_grad():
-        for name, module in model.named_modules():
+        for _name, module in model.named_modules():
             if isinstance(module, nn.Linear):
                 qt, lora_A, lora_B = loftq_init(module.weight, r, 1.0, num_iters=1, blocksize=blocksize)
                 module.weight.copy_(qt.dequantize(torch.float32) + lora_B @ lora_A)

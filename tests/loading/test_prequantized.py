@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 import transformers
+from loading_helpers import FAMILIES, count_nf4
 
 from nibbletune.loading import load_model
 from nibbletune.quant import from_bnb_state_dict
-
-from loading_helpers import FAMILIES, count_nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 

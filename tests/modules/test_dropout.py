@@ -9,7 +9,11 @@ from hypothesis import strategies as st
 
 from nibbletune.modules import dropout
 from nibbletune.modules.dropout import (
-    draw_seed, dropout_mask, dropout_mask_reference, dropout_threshold, keep_scale,
+    draw_seed,
+    dropout_mask,
+    dropout_mask_reference,
+    dropout_threshold,
+    keep_scale,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from lora_oracles import bnb_linear4bit, make_nf4, reference_weight
 from torch import nn
 
-from lora_oracles import bnb_linear4bit, make_nf4, reference_weight
 from nibbletune.errors import FormatError
 from nibbletune.modules import LinearNF4
 from nibbletune.quant import quantize

@@ -4,11 +4,16 @@ import math
 
 import pytest
 import torch
+from lora_oracles import (
+    make_nf4,
+    our_grads,
+    peft_grads,
+    peft_twin,
+    randomize_adapter,
+    reference_lora_forward,
+)
 from torch import nn
 
-from lora_oracles import (
-    make_nf4, our_grads, peft_grads, peft_twin, randomize_adapter, reference_lora_forward,
-)
 from nibbletune.errors import NibbletuneError
 from nibbletune.modules import LinearNF4, LoraLinear
 from nibbletune.modules.dropout import draw_seed, dropout_mask

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from lora_oracles import make_nf4, randomize_adapter, reference_weight
 from torch import nn
 
-from lora_oracles import make_nf4, randomize_adapter, reference_weight
 from nibbletune.modules import LoraLinear
 from nibbletune.modules.dropout import draw_seed, dropout_mask
 

@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
+from lora_oracles import randomize_adapter
 from safetensors.torch import load_file, save_file
 
-from lora_oracles import randomize_adapter
 from nibbletune.errors import FormatError, NibbletuneError
 from nibbletune.loading.peft_adapter import load_adapter, save_adapter
 from nibbletune.modules import LinearNF4, LoraSettings, apply_lora, lora_layers
@@ -87,7 +87,7 @@ def test_peft_adapter_loads_in_ours_on_a_4bit_model(tmp_path, use_dora):
 
     # the same adapter on a 4-bit base: each LoRA layer equals PEFT's formula on the dequantized weight
     quantized = copy.deepcopy(base)
-    for name, module in list(quantized.named_modules()):
+    for module in list(quantized.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
                 setattr(module, child_name, LinearNF4.from_linear(child))

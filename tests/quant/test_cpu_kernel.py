@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from nibbletune.errors import QuantizationError
-from nibbletune.quant import QuantizedTensor, quantize
-from nibbletune.quant import cpu_kernel
+from nibbletune.quant import QuantizedTensor, cpu_kernel, quantize
 from nibbletune.quant.blockwise import SUPPORTED_BLOCKSIZES
 from nibbletune.quant.codebooks import NESTED_BLOCKSIZE
 from nibbletune.quant.dequantize import dequantize_4bit

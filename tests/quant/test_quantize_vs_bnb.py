@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nibbletune.quant import quantize
-from nibbletune.quant.reference import reference_dequantize_4bit, reference_quantize_4bit
+from nibbletune.quant.reference import reference_dequantize_4bit
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

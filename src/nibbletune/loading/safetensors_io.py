@@ -189,7 +189,7 @@ class Checkpoint:
             handle.close()
         self._handles.clear()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc_info) -> None:

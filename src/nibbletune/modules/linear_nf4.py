@@ -152,7 +152,7 @@ class LinearNF4(nn.Module):
         blocksize: int = 64,
         double_quant: bool = True,
         compute_dtype: torch.dtype | None = None,
-    ) -> "LinearNF4":
+    ) -> LinearNF4:
         """Quantize an nn.Linear's weight; compute_dtype defaults to the linear's weight dtype."""
         weight = linear.weight.detach()
         qt = quantize(weight, quant_type, blocksize, double_quant)

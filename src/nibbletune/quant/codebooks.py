@@ -7,7 +7,7 @@ against the installed bitsandbytes.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -39,7 +39,7 @@ _NF4_VALUES = [
 _FP4_RAW = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _codebook_cpu(quant_type: str) -> torch.Tensor:
     if quant_type == "nf4":
         return torch.tensor(_NF4_VALUES, dtype=torch.float32)
@@ -58,7 +58,7 @@ def codebook(quant_type: str, device: torch.device | str = "cpu") -> torch.Tenso
     return _codebook_cpu(quant_type).to(device, copy=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bounds_cpu(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     values = _codebook_cpu(quant_type)
     order = torch.argsort(values, stable=True)
@@ -78,7 +78,7 @@ def quantize_bounds(quant_type: str, device: torch.device | str = "cpu") -> tupl
     return midpoints.to(device), order.to(device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dynamic_map_cpu() -> torch.Tensor:
     # bitsandbytes.functional.create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)
     max_exponent_bits, non_sign_bits = 7, 7

@@ -25,7 +25,7 @@ logged, and `dequantize.py` uses the pure-torch path. Importing this module neve
 from __future__ import annotations
 
 import ctypes
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
@@ -70,7 +70,7 @@ def simd_level() -> str:
     return "avx2" if library.nt_dequant4bit_simd_level() >= 2 else "scalar"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _codebook(quant_type: str) -> torch.Tensor:
     return codebook(quant_type).contiguous()
 

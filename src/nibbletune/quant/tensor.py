@@ -81,7 +81,7 @@ class QuantizedTensor:
 
         return dequantize_4bit(self, dtype or self.dtype, out)
 
-    def to(self, device: torch.device | str) -> "QuantizedTensor":
+    def to(self, device: torch.device | str) -> QuantizedTensor:
         """Return a copy on `device` (bytes unchanged; nothing is re-quantized)."""
         return replace(
             self,
