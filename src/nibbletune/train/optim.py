@@ -63,6 +63,13 @@ class _AdamBase(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
+    def _params_with_grad(self):
+        """(group, param, state) for every parameter that has a gradient, in group order."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    yield group, param, self.state[param]
+
 
 # ---------------------------------------------------------------------------- 8-bit states
 
@@ -94,35 +101,31 @@ class AdamW8bit(_AdamBase):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
+        for group, param, state in self._params_with_grad():
             beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                quantized = param.numel() >= MIN_8BIT_NUMEL
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    zeros = torch.zeros_like(param, dtype=torch.float32)
-                    if quantized:
-                        for name in ("exp_avg", "exp_avg_sq"):
-                            state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_8bit(zeros)
-                    else:
-                        state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
-                state["step"] += 1
+            quantized = param.numel() >= MIN_8BIT_NUMEL
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                zeros = torch.zeros_like(param, dtype=torch.float32)
                 if quantized:
-                    exp_avg = dequantize_8bit(state["exp_avg_codes"], state["exp_avg_absmax"], param.shape)
-                    exp_avg_sq = dequantize_8bit(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], param.shape)
+                    for name in ("exp_avg", "exp_avg_sq"):
+                        state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_8bit(zeros)
                 else:
-                    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                work = param if param.dtype == torch.float32 else param.float()
-                _adamw_update(work, param.grad.float(), exp_avg, exp_avg_sq, state["step"].item(),
-                              group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-                if work is not param:
-                    param.copy_(work)
-                if quantized:
-                    state["exp_avg_codes"], state["exp_avg_absmax"] = quantize_8bit(exp_avg)
-                    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quantize_8bit(exp_avg_sq)
+                    state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
+            state["step"] += 1
+            if quantized:
+                exp_avg = dequantize_8bit(state["exp_avg_codes"], state["exp_avg_absmax"], param.shape)
+                exp_avg_sq = dequantize_8bit(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], param.shape)
+            else:
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            work = param if param.dtype == torch.float32 else param.float()
+            _adamw_update(work, param.grad.float(), exp_avg, exp_avg_sq, state["step"].item(),
+                          group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+            if work is not param:
+                param.copy_(work)
+            if quantized:
+                state["exp_avg_codes"], state["exp_avg_absmax"] = quantize_8bit(exp_avg)
+                state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = quantize_8bit(exp_avg_sq)
         return loss
 
 
@@ -176,31 +179,27 @@ class PagedAdamW(_AdamBase):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
+        for group, param, state in self._params_with_grad():
             beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                state["step"] += 1
-                step = state["step"].item()
-                flat_param, flat_grad = param.view(-1), param.grad.view(-1)
-                for start in range(0, param.numel(), self.piece_numel):
-                    stop = min(start + self.piece_numel, param.numel())
-                    n = stop - start
-                    exp_avg, exp_avg_sq = self._buffer[:n], self._buffer[self.piece_numel:self.piece_numel + n]
-                    avg_at, sq_at = self._moment_slices(param, start, stop)
-                    self._read(avg_at, exp_avg)
-                    self._read(sq_at, exp_avg_sq)
-                    moments = (exp_avg, exp_avg_sq)
-                    if param.device.type != "cpu":
-                        moments = tuple(m.to(param.device, non_blocking=True) for m in moments)
-                    _adamw_update(flat_param[start:stop], flat_grad[start:stop], *moments, step,
-                                  group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-                    self._write(avg_at, moments[0].cpu())
-                    self._write(sq_at, moments[1].cpu())
+            if not state:
+                state["step"] = torch.tensor(0.0)
+            state["step"] += 1
+            step = state["step"].item()
+            flat_param, flat_grad = param.view(-1), param.grad.view(-1)
+            for start in range(0, param.numel(), self.piece_numel):
+                stop = min(start + self.piece_numel, param.numel())
+                n = stop - start
+                exp_avg, exp_avg_sq = self._buffer[:n], self._buffer[self.piece_numel:self.piece_numel + n]
+                avg_at, sq_at = self._moment_slices(param, start, stop)
+                self._read(avg_at, exp_avg)
+                self._read(sq_at, exp_avg_sq)
+                moments = (exp_avg, exp_avg_sq)
+                if param.device.type != "cpu":
+                    moments = tuple(m.to(param.device, non_blocking=True) for m in moments)
+                _adamw_update(flat_param[start:stop], flat_grad[start:stop], *moments, step,
+                              group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                self._write(avg_at, moments[0].cpu())
+                self._write(sq_at, moments[1].cpu())
         return loss
 
     def state_dict(self):
