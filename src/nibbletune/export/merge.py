@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import FormatError, NibbletuneError
+from ..loading.model_location import resolve_model_dir
 from ..loading.safetensors_io import open_checkpoint
 from ..loading.surgery import select_linears
 from ..modules.loftq import read_loftq_note
@@ -93,7 +94,7 @@ def merge(
     fit, OutputExistsError for an existing `out`, VerificationError (after removing the
     unverified output) when the merged model's logits are off.
     """
-    base, out = Path(base), Path(out)
+    base, out = resolve_model_dir(base), Path(out)
     check_output(out, overwrite)
     lora = read_adapter(adapter)
     _refuse_rebuilt_loftq_base(adapter)

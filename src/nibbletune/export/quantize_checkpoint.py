@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import FormatError, NibbletuneError, QuantizationError
 from ..loading.load import load_config
 from ..loading.safetensors_io import open_checkpoint
+from ..loading.model_location import resolve_model_dir
 from ..loading.surgery import empty_parameters, matches
 from ..quant import quantize, to_bnb_state_dict
 from .atomic import (
@@ -138,7 +139,7 @@ def quantize_checkpoint(
     Raises FormatError (missing/corrupt files, already quantized, missing weights),
     QuantizationError (NaN/inf, bad blocksize), OutputExistsError.
     """
-    src = Path(src)
+    src = resolve_model_dir(src)
     if quant_type not in ("nf4", "fp4"):
         raise QuantizationError(f"quant type must be nf4 or fp4, got {quant_type!r}")
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:

@@ -36,6 +36,7 @@ from ..errors import FormatError, NibbletuneError, QuantizationError
 from ..modules import LinearNF4
 from ..quant import from_bnb_state_dict, quantize
 from ..quant.bnb_format import QUANT_STATE_KEY, bnb_state_keys, is_bnb_quantized, unpack_json
+from .model_location import resolve_model_dir
 from .safetensors_io import Checkpoint, open_checkpoint
 from .surgery import (
     empty_parameters,
@@ -104,7 +105,7 @@ def load_model(
     UnsupportedModelError for unknown model types and remote code not allowed;
     QuantizationError for weights with NaN/inf values.
     """
-    root = Path(path)
+    root = resolve_model_dir(path)
     dtype = resolve_compute_dtype(compute_dtype)
     config = load_config(root, trust_remote_code)
     bnb_config = _pop_bnb_config(config, root)
@@ -133,11 +134,15 @@ def load_model(
     return model
 
 
-def load_config(root: Path, trust_remote_code: bool = False):
-    """Read `root/config.json` as a transformers config; refuse unknown types and unrequested remote code."""
+def load_config(root: str | os.PathLike, trust_remote_code: bool = False):
+    """Read `root/config.json` as a transformers config; refuse unknown types and unrequested remote code.
+
+    `root` may also be a Hugging Face Hub id (see `model_location.resolve_model_dir`).
+    """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
+    root = resolve_model_dir(root)
     config_file = root / "config.json"
     if not root.is_dir():
         raise FormatError(f"{root}: not a directory")
@@ -339,10 +344,10 @@ def _load_linear(model, checkpoint, plan: _LinearPlan, dtype, quant_type, blocks
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
-    """The tokenizer saved beside a model (transformers AutoTokenizer, local files only)."""
+    """The tokenizer saved beside a model (transformers AutoTokenizer, local files or a Hub id's snapshot)."""
     from transformers import AutoTokenizer
 
-    root = Path(path)
+    root = resolve_model_dir(path)
     if not root.is_dir():
         raise FormatError(f"{root}: not a directory")
     try:

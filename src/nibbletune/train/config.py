@@ -99,7 +99,7 @@ class TrainSection(_Section):
 class TrainConfig(_Section):
     """A whole fine-tuning run."""
 
-    model: str = Field(description="base model: a transformers safetensors directory")
+    model: str = Field(description="base model: a local transformers safetensors directory or a Hugging Face Hub id")
     data: DataConfig = Field(description="training and eval data")
     output_dir: str = Field(description="where the adapter, checkpoints and metrics go")
     quant: QuantConfig = Field(default_factory=QuantConfig, description="4-bit storage of the base")

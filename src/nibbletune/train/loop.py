@@ -170,7 +170,7 @@ class Trainer:
 
         config = self.config
         self.output_dir = Path(config.output_dir)
-        check_against_model(config, load_model_config(Path(config.model)))
+        check_against_model(config, load_model_config(config.model))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.compute_dtype = resolve_compute_dtype(config.quant.compute_dtype, self.device)
         self.autocast = autocast_factory(self.device, self.compute_dtype)

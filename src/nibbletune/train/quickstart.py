@@ -1,21 +1,22 @@
 """`nibbletune quickstart`: a whole QLoRA job offline, in a few minutes on a laptop CPU.
 
 1. the cached base model (`quickstart_base.ensure_base`: a tiny Llama pretrained on the
-   Python standard library; built once, about 2.5 minutes);
+   Python standard library; built once, about 2.5 minutes on 2 cores);
 2. a downstream task from the same corpus: given a function's docstring, write its `def` line
    (prompt/completion jsonl); held-out examples come from held-out files only;
-3. held-out loss of the 4-bit base, and its greedy answer for one held-out docstring;
+3. held-out loss of the 4-bit base, and its greedy answers for three held-out docstrings;
 4. QLoRA fine-tuning with the same `train()` as `nibbletune train` (NF4 base, LoRA on every
    linear);
-5. held-out loss and greedy answer again, and the wall time.
+5. held-out loss and greedy answers again, and the wall time.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -24,58 +25,50 @@ from pathlib import Path
 import torch
 
 from .config import config_from_dict
-from .quickstart_base import ensure_base, is_held_out, read_source, stdlib_files
+from .quickstart_base import (
+    PRETRAIN_SECONDS,
+    PRETRAIN_STEPS,
+    cache_dir,
+    documented_functions,
+    ensure_base,
+    is_held_out,
+    stdlib_files,
+)
 
 TASK_VERSION = "task-v1"
+FINETUNE_STEPS = 250
 PROMPT_TEMPLATE = '"""{doc}"""\n'
 
 
 @dataclass
+class Sample:
+    """One held-out docstring with its real `def` line and the model's answers."""
+    prompt: str
+    expected: str
+    before: str = ""
+    after: str = ""
+
+
+@dataclass
 class QuickstartResult:
+    """What `run_quickstart` measured."""
     base_dir: Path
     output_dir: Path
     loss_before: float
     loss_after: float
-    sample_prompt: str
-    sample_expected: str
-    sample_before: str
-    sample_after: str
+    samples: list[Sample]
     wall_seconds: float
     train_seconds: float
 
 
-def _first_paragraph(doc: str, limit: int = 240) -> str:
-    paragraph = doc.strip().split("\n\n")[0]
-    text = " ".join(paragraph.split())
-    return text[:limit]
-
-
 def function_examples(path: Path) -> list[dict]:
     """prompt/completion rows for every documented function of one source file."""
-    source = read_source(path)
-    if not source:
-        return []
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return []
-    rows = []
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        doc = ast.get_docstring(node)
-        if not doc or len(doc) < 12:
-            continue
-        signature = f"def {node.name}({ast.unparse(node.args)})"
-        if node.returns is not None:
-            signature += f" -> {ast.unparse(node.returns)}"
-        if len(signature) > 160:
-            continue
-        rows.append({"prompt": PROMPT_TEMPLATE.format(doc=_first_paragraph(doc)), "completion": signature + ":"})
-    return rows
+    return [{"prompt": PROMPT_TEMPLATE.format(doc=doc), "completion": signature + ":"}
+            for signature, doc in documented_functions(path)]
 
 
-def build_task(directory: Path, max_train: int = 4000, max_eval: int = 200, seed: int = 0) -> tuple[Path, Path]:
+def build_task(directory: Path, max_train: int = 4000, max_eval: int = 200,
+               seed: int = 0) -> tuple[Path, Path]:
     """train.jsonl / eval.jsonl of docstring -> def line, split by file."""
     train_rows, eval_rows = [], []
     for path in stdlib_files():
@@ -93,11 +86,6 @@ def build_task(directory: Path, max_train: int = 4000, max_eval: int = 200, seed
 
 def cached_task() -> tuple[Path, Path]:
     """The task files, built once into the cache (atomically, like the base)."""
-    import os
-    import shutil
-
-    from .quickstart_base import cache_dir
-
     final = cache_dir() / TASK_VERSION
     if not (final / "eval.jsonl").is_file():
         tmp = final.parent / f".tmp-{TASK_VERSION}-{os.getpid()}"
@@ -109,22 +97,30 @@ def cached_task() -> tuple[Path, Path]:
 
 
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
-    """Greedy continuation of `prompt`, up to the end of its first line."""
+    """Greedy continuation of `prompt`: its first non-blank line (a `def` line ends there)."""
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     model.eval()
+    new: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            next_id = model(input_ids=ids).logits[0, -1].argmax()
-            if int(next_id) == tokenizer.eos_token_id:
+            next_id = int(model(input_ids=ids).logits[0, -1].argmax())
+            if next_id == tokenizer.eos_token_id:
                 break
-            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
-            text = tokenizer.decode(ids[0], skip_special_tokens=True)[len(prompt):]
-            if "\n" in text:
+            new.append(next_id)
+            ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+            if "\n" in tokenizer.decode(new).lstrip("\n"):
                 break
-    return tokenizer.decode(ids[0], skip_special_tokens=True)[len(prompt):].split("\n")[0]
+    return tokenizer.decode(new).lstrip("\n").split("\n")[0]
+
+
+def pick_samples(eval_rows: list[dict], count: int = 3) -> list[Sample]:
+    """`count` short but not trivial held-out docstrings (40-100 characters), in file order."""
+    fitting = [row for row in eval_rows if 40 <= len(row["prompt"]) <= 100] or eval_rows
+    return [Sample(row["prompt"], row["completion"]) for row in fitting[:count]]
 
 
 def quickstart_config(base_dir: Path, train_path: Path, eval_path: Path, output_dir: Path, steps: int):
+    """The fine-tuning job as a `nibbletune train` config (NF4 base, r=16 LoRA on every linear)."""
     return config_from_dict({
         "model": str(base_dir),
         "data": {"path": str(train_path), "eval_path": str(eval_path), "format": "completion"},
@@ -137,45 +133,52 @@ def quickstart_config(base_dir: Path, train_path: Path, eval_path: Path, output_
     }, source="quickstart")
 
 
-def run_quickstart(output_dir: str | Path = "runs/quickstart", steps: int = 120, pretrain_seconds: float = 120.0,
+def run_quickstart(output_dir: str | Path = "runs/quickstart", steps: int = FINETUNE_STEPS,
+                   pretrain_steps: int = PRETRAIN_STEPS, pretrain_seconds: float = PRETRAIN_SECONDS,
                    rebuild: bool = False, progress: bool = True) -> QuickstartResult:
     """The whole job; prints a before/after report and returns its figures."""
     from ..data import build_dataset
     from ..loading import load_model, load_tokenizer
     from ..loading.peft_adapter import load_adapter
-    from .loop import _autocast_factory, evaluate, train
+    from .loop import evaluate, train
+    from .precision import autocast_factory
 
     started = time.perf_counter()
     output_dir = Path(output_dir)
-    base_dir = ensure_base(pretrain_seconds, rebuild=rebuild, progress=progress)
+    base_dir = ensure_base(pretrain_steps, pretrain_seconds, rebuild=rebuild, progress=progress)
     train_path, eval_path = cached_task()
     config = quickstart_config(base_dir, train_path, eval_path, output_dir, steps)
     tokenizer = load_tokenizer(base_dir)
     eval_rows = [json.loads(line) for line in eval_path.read_text().splitlines()]
-    sample = min(eval_rows[:50], key=lambda row: len(row["prompt"]) + 1000 * (len(row["prompt"]) < 40))
+    samples = pick_samples(eval_rows)
     eval_data = build_dataset(eval_path, tokenizer, config.train.seq_len, format="completion")
 
     base = load_model(base_dir, compute_dtype=config.quant.compute_dtype)
-    autocast = _autocast_factory(torch.device("cpu"), next(base.parameters()).dtype)
-    loss_before = evaluate(base, eval_data.examples, 16, eval_data.pad_token_id, torch.device("cpu"), autocast)
-    before = greedy(base, tokenizer, sample["prompt"])
+    autocast = autocast_factory(torch.device("cpu"), next(base.parameters()).dtype)
+    cpu = torch.device("cpu")
+    loss_before = evaluate(base, eval_data.examples, 16, eval_data.pad_token_id, cpu, autocast)
+    for sample in samples:
+        sample.before = greedy(base, tokenizer, sample.prompt)
     del base
 
     train_started = time.perf_counter()
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # a fresh demo run, even after a Ctrl-C
     result = train(config, progress=progress)
     train_seconds = time.perf_counter() - train_started
 
     tuned = load_model(base_dir, compute_dtype=config.quant.compute_dtype)
     load_adapter(tuned, output_dir)
     tuned.eval()
-    after = greedy(tuned, tokenizer, sample["prompt"])
-    outcome = QuickstartResult(base_dir, output_dir, loss_before, result.eval_loss, sample["prompt"],
-                               sample["completion"], before, after, time.perf_counter() - started, train_seconds)
+    for sample in samples:
+        sample.after = greedy(tuned, tokenizer, sample.prompt)
+    outcome = QuickstartResult(base_dir, output_dir, loss_before, result.eval_loss, samples,
+                               time.perf_counter() - started, train_seconds)
     print_report(outcome, len(eval_rows))
     return outcome
 
 
 def print_report(result: QuickstartResult, eval_count: int) -> None:
+    """Held-out loss before/after, the samples, where things are, the wall time."""
     def ppl(loss: float) -> float:
         return math.exp(min(loss, 50))
 
@@ -186,12 +189,12 @@ def print_report(result: QuickstartResult, eval_count: int) -> None:
         f"task: docstring -> def line; {eval_count} held-out functions from held-out stdlib files",
         loss_line,
         "",
-        "held-out prompt:",
-        *("    " + line for line in result.sample_prompt.rstrip("\n").splitlines()),
-        f"expected: {result.sample_expected}",
-        f"before:   {result.sample_before}",
-        f"after:    {result.sample_after}",
-        "",
+        *(line for sample in result.samples for line in (
+            f"docstring: {sample.prompt.strip()}",
+            f"  expected: {sample.expected}",
+            f"  before:   {sample.before or '(nothing: end of text)'}",
+            f"  after:    {sample.after or '(nothing: end of text)'}",
+            "")),
         f"adapter (PEFT format): {result.output_dir / 'adapter_model.safetensors'}",
         f"base model: {result.base_dir}",
         f"wall time {result.wall_seconds:.0f} s (fine-tuning {result.train_seconds:.0f} s)",

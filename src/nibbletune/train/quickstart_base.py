@@ -1,23 +1,35 @@
 """The quickstart's base model: a small Llama pretrained offline on the Python standard library.
 
-Built once and cached under the user cache dir (`~/.cache/nibbletune/quickstart/base-v1`, or
+Built once and cached under the user cache dir (`~/.cache/nibbletune/quickstart/base-v2`, or
 `$NIBBLETUNE_CACHE/quickstart`): the stdlib's own source files are always present, so nothing
 is downloaded.
 
 1. corpus: the stdlib's .py files (tests and vendored packages left out), split by file into
-   a training part and a held-out part (`is_held_out`); only the training part is used here;
-2. tokenizer: byte-level BPE, 4096 tokens, trained on that corpus (`tiny.train_tokenizer`);
-3. model: LlamaForCausalLM, hidden 256, 4 layers, 4 heads, pretrained for a fixed time budget
-   (about 2 minutes) on random 128-token windows with AdamW;
+   a training part and a held-out part (`is_held_out`); only the training part is used here,
+   as two streams: whole source files, and two short snippets per documented function (its
+   `def` line then the first paragraph of its docstring, as in the source; and that paragraph
+   as a `#` comment above the `def` line);
+2. tokenizer: byte-level BPE, 4096 tokens, whose pre-tokenizer splits words from the space
+   before them and from underscores (`get`, `_`, `scheme`), so a word has one id whether it is
+   in a name or in prose (GPT-2's split gives ' scheme' and 'scheme', and `_` + 'None' pieces);
+3. model: LlamaForCausalLM, hidden 192, 4 layers, 6 heads (3.3 M parameters), pretrained with
+   AdamW on 128-token windows, 4 of source and 12 of snippets per batch, for `PRETRAIN_STEPS`
+   steps (about 2 minutes on 2 unloaded cores) or until the time cap, whichever comes first;
+   the learning-rate schedule follows whichever is nearer its end, so a slow machine still
+   ends at a low learning rate. Seeded: on a machine that finishes the steps within the cap,
+   the weights are the same run to run;
 4. saved as a safetensors transformers directory, built in a temporary directory beside the
    cache entry and renamed into place, so a killed build leaves nothing half-made.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import sysconfig
@@ -27,10 +39,18 @@ from pathlib import Path
 
 import torch
 
-BASE_VERSION = "base-v1"
+BASE_VERSION = "base-v2"
 EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
                  "__pycache__", "ensurepip", "tkinter", "pydoc_data"}
 MAX_FILE_BYTES = 200_000
+VOCAB_SIZE = 4096
+MODEL_SHAPE = {"hidden_size": 192, "num_layers": 4, "heads": 6, "intermediate_size": 512}
+PRETRAIN_STEPS = 320
+PRETRAIN_SECONDS = 150.0
+BATCH_SHARES = [4, 12]      # windows per batch from the source files and from the snippets
+# GPT-2's split, except that a word never carries the space before it and underscores are their own
+# pieces: "scheme" in `get_scheme` and in "the URL scheme" is the same token, so names can be copied
+WORD_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}\p{N}]+|_+| ?[^\s\p{L}\p{N}_]+|\s+(?!\S)|\s+"
 
 
 def cache_dir() -> Path:
@@ -66,17 +86,50 @@ def is_held_out(path: Path) -> bool:
 
 
 def read_source(path: Path) -> str | None:
+    """The file's text, or None when it cannot be read as UTF-8."""
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
 
 
-def training_texts(max_bytes: int = 4_000_000) -> list[str]:
-    texts, total = [], 0
-    for path in stdlib_files():
-        if is_held_out(path):
+def first_paragraph(doc: str, limit: int = 240) -> str:
+    """The docstring's first paragraph on one line, at most `limit` characters."""
+    paragraph = doc.strip().split("\n\n")[0]
+    return " ".join(paragraph.split())[:limit]
+
+
+@functools.cache
+def documented_functions(path: Path) -> tuple[tuple[str, str], ...]:
+    """(def line without the colon, docstring's first paragraph) for each documented function of a file."""
+    source = read_source(path)
+    if not source:
+        return ()
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ()
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
+        doc = ast.get_docstring(node)
+        if not doc or len(doc) < 12:
+            continue
+        signature = f"def {node.name}({ast.unparse(node.args)})"
+        if node.returns is not None:
+            signature += f" -> {ast.unparse(node.returns)}"
+        if len(signature) <= 160:
+            found.append((signature, first_paragraph(doc)))
+    return tuple(found)
+
+
+def training_texts(max_bytes: int = 4_000_000, seed: int = 0) -> list[str]:
+    """Whole training-part source files in a seeded order, up to `max_bytes`."""
+    files = [path for path in stdlib_files() if not is_held_out(path)]
+    random.Random(seed).shuffle(files)
+    texts, total = [], 0
+    for path in files:
         text = read_source(path)
         if text:
             texts.append(text)
@@ -86,9 +139,57 @@ def training_texts(max_bytes: int = 4_000_000) -> list[str]:
     return texts
 
 
-def pretrain(model, token_ids: torch.Tensor, seconds: float, seq_len: int = 128, batch_size: int = 8,
-             lr: float = 2e-3, seed: int = 0, progress: bool = True) -> list[float]:
-    """Train `model` on random windows of `token_ids` for `seconds` of wall time; returns losses."""
+def training_snippets(seed: int = 0) -> list[str]:
+    """Two short snippets per documented training-part function, shuffled.
+
+    The source's own order (`def` line, then the docstring's first paragraph) and the same
+    function documented by a comment above it (`# paragraph` then `def` line), a common way
+    of writing Python: the second teaches which names go with which descriptions, reading
+    the description first. The quickstart's task (the docstring in triple quotes on a line, then
+    the `def` line) is in neither form, and its held-out functions come from files never used here.
+    """
+    snippets = [text for path in stdlib_files() if not is_held_out(path)
+                for signature, doc in documented_functions(path)
+                for text in (f'{signature}:\n    """{doc}"""\n', f"# {doc}\n{signature}:\n")]
+    random.Random(seed).shuffle(snippets)
+    return snippets
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
+    """Byte-level BPE split by `WORD_SPLIT` (words without their leading space, `_` apart).
+
+    Same special tokens as `tiny.train_tokenizer`. GPT-2's split would make `get_scheme` into
+    ' get', '_', 'scheme' and the prose word into ' scheme': different ids for the same word.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .tiny import SPECIAL_TOKENS
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(WORD_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=1 << 30)
+
+
+def _windows(token_ids: torch.Tensor, count: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, token_ids.numel() - seq_len - 1, (count,), generator=generator)
+    return torch.stack([token_ids[s:s + seq_len] for s in starts.tolist()])   # (count, T)
+
+
+def pretrain(model, streams: list[torch.Tensor], shares: list[int], steps: int, seconds: float,
+             seq_len: int = 128, lr: float = 3e-3, seed: int = 0, progress: bool = True) -> list[float]:
+    """Train `model` on random windows: each batch takes `shares[i]` windows from `streams[i]`.
+
+    Stops after `steps` optimizer steps or `seconds` of wall time, whichever comes first; the
+    warmup + cosine schedule runs on max(step / steps, elapsed / seconds). Returns the losses.
+    """
     from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(seed)
@@ -96,17 +197,14 @@ def pretrain(model, token_ids: torch.Tensor, seconds: float, seq_len: int = 128,
     warmup = 20
     model.train()
     losses: list[float] = []
-    bar = tqdm(total=int(seconds), desc="pretrain base", unit="s", file=sys.stderr, disable=not progress,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
+    bar = tqdm(total=steps, desc="pretrain base", unit="step", file=sys.stderr, disable=not progress)
     started = time.perf_counter()
     step = 0
-    while (elapsed := time.perf_counter() - started) < seconds:
-        # cosine over the time budget, so the run ends at a low lr whatever the machine's speed
-        factor = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * elapsed / seconds)))
+    while (done := max(step / steps, (time.perf_counter() - started) / seconds)) < 1.0:
+        factor = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
-        starts = torch.randint(0, token_ids.numel() - seq_len - 1, (batch_size,), generator=generator)
-        batch = torch.stack([token_ids[s:s + seq_len] for s in starts.tolist()])   # (B, T)
+        batch = torch.cat([_windows(ids, share, seq_len, generator) for ids, share in zip(streams, shares)])
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -114,42 +212,53 @@ def pretrain(model, token_ids: torch.Tensor, seconds: float, seq_len: int = 128,
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         step += 1
-        bar.n = min(int(time.perf_counter() - started), int(seconds))
-        bar.set_postfix_str(f"step {step} loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
-        bar.refresh()
+        bar.update(1)
+        bar.set_postfix_str(f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
     bar.close()
     model.eval()
     return losses
 
 
-def build_base(directory: Path, pretrain_seconds: float = 120.0, progress: bool = True) -> dict:
+def _flatten(tokenizer, texts: list[str]) -> torch.Tensor:
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return torch.tensor([i for row in ids for i in (*row, tokenizer.eos_token_id)], dtype=torch.long)
+
+
+def build_base(directory: Path, steps: int = PRETRAIN_STEPS, seconds: float = PRETRAIN_SECONDS,
+               progress: bool = True) -> dict:
     """Tokenizer + pretrained tiny Llama into `directory`; returns facts about the build."""
-    from .tiny import llama_config, random_llama, save_model_dir, train_tokenizer
+    from .tiny import llama_config, random_llama, save_model_dir
 
     started = time.perf_counter()
-    texts = training_texts()
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
     say(f"quickstart: building the base model once (cached in {directory.parent})")
-    say(f"  corpus: {len(texts)} stdlib files, {sum(map(len, texts)) / 1e6:.1f} MB of Python")
-    tokenizer = train_tokenizer(texts, vocab_size=4096)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    flat = torch.tensor([i for row in ids for i in (*row, tokenizer.eos_token_id)], dtype=torch.long)
-    say(f"  tokenizer: byte-level BPE, {len(tokenizer)} tokens; corpus = {flat.numel() / 1e6:.2f} M tokens")
-    config = llama_config(len(tokenizer), hidden_size=256, num_layers=4, heads=4, intermediate_size=704,
-                          max_positions=512)
+    texts, snippets = training_texts(), training_snippets()
+    say(f"  corpus: {len(texts)} stdlib files ({sum(map(len, texts)) / 1e6:.1f} MB) and "
+        f"{len(snippets)} def+docstring snippets")
+    tokenizer = train_tokenizer(texts + snippets)
+    source_ids, snippet_ids = _flatten(tokenizer, texts), _flatten(tokenizer, snippets)
+    say(f"  tokenizer: byte-level BPE, words split from spaces and underscores, {len(tokenizer)} tokens; "
+        f"{source_ids.numel() / 1e6:.2f} M + {snippet_ids.numel() / 1e6:.2f} M tokens")
+    config = llama_config(len(tokenizer), max_positions=512, **MODEL_SHAPE)
     model = random_llama(config, seed=0)
     parameters = sum(p.numel() for p in model.parameters())
-    say(f"  model: Llama, hidden 256, 4 layers, {parameters / 1e6:.1f} M parameters; pretraining "
-        f"for {pretrain_seconds:.0f} s")
-    losses = pretrain(model, flat, pretrain_seconds, progress=progress)
+    say(f"  model: Llama, hidden {MODEL_SHAPE['hidden_size']}, {MODEL_SHAPE['num_layers']} layers, "
+        f"{parameters / 1e6:.1f} M parameters; pretraining {steps} steps (at most {seconds:.0f} s)")
+    losses = pretrain(model, [source_ids, snippet_ids], BATCH_SHARES, steps, seconds, progress=progress)
     save_model_dir(model, tokenizer, directory)
-    facts = {"pretrain_steps": len(losses), "pretrain_final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-             "tokens": flat.numel(), "parameters": parameters, "build_seconds": time.perf_counter() - started}
+    facts = {"version": BASE_VERSION, "pretrain_steps": len(losses), "pretrain_steps_planned": steps,
+             "pretrain_final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+             "tokens": source_ids.numel() + snippet_ids.numel(), "parameters": parameters,
+             "build_seconds": time.perf_counter() - started}
     (directory / "quickstart_base.json").write_text(json.dumps(facts, indent=2))
+    if len(losses) < steps:
+        say(f"  note: the time cap stopped pretraining after {len(losses)} of {steps} steps (a slow or busy "
+            "machine); the base is weaker than planned")
     return facts
 
 
-def ensure_base(pretrain_seconds: float = 120.0, rebuild: bool = False, progress: bool = True) -> Path:
+def ensure_base(steps: int = PRETRAIN_STEPS, seconds: float = PRETRAIN_SECONDS, rebuild: bool = False,
+                progress: bool = True) -> Path:
     """The cached base model directory, built (atomically) when missing or when `rebuild`."""
     final = cache_dir() / BASE_VERSION
     if final.is_dir() and (final / "quickstart_base.json").is_file() and not rebuild:
@@ -158,7 +267,7 @@ def ensure_base(pretrain_seconds: float = 120.0, rebuild: bool = False, progress
     tmp = final.parent / f".tmp-{BASE_VERSION}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        build_base(tmp, pretrain_seconds, progress)
+        build_base(tmp, steps, seconds, progress)
         if final.exists():
             old = final.parent / f".old-{BASE_VERSION}-{os.getpid()}"
             os.replace(final, old)
