@@ -161,21 +161,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     Same special tokens as `tiny.train_tokenizer`. GPT-2's split would make `get_scheme` into
     ' get', '_', 'scheme' and the prose word into ' scheme': different ids for the same word.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from . import tiny
 
-    from .tiny import SPECIAL_TOKENS
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(WORD_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=1 << 30)
+    return tiny.train_tokenizer(texts, vocab_size, split_regex=WORD_SPLIT)
 
 
 def _windows(token_ids: torch.Tensor, count: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
