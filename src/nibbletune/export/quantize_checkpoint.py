@@ -24,8 +24,8 @@ from torch import nn
 
 from ..errors import FormatError, NibbletuneError, QuantizationError
 from ..loading.load import load_config
-from ..loading.safetensors_io import open_checkpoint
 from ..loading.model_location import resolve_model_dir
+from ..loading.safetensors_io import open_checkpoint
 from ..loading.surgery import empty_parameters, matches
 from ..quant import quantize, to_bnb_state_dict
 from .atomic import (
