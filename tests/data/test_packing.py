@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from data_helpers import write_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import write_rows
 from nibbletune.data import Example, build_dataset, collate, flatten_packed
 from nibbletune.data.packing import pack
 

@@ -6,8 +6,8 @@ import json
 import re
 
 import pytest
+from data_helpers import write_rows
 
-from conftest import write_rows
 from nibbletune.data import DataError, build_dataset, detect_format, load_records
 from nibbletune.errors import NibbletuneError
 

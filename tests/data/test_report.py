@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from data_helpers import make_bpe_tokenizer, make_word_tokenizer, write_rows
 
-from conftest import make_bpe_tokenizer, make_word_tokenizer, write_rows
 from nibbletune.data import DataError, build_dataset, render_report
 
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"

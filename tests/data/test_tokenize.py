@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from data_helpers import VOCAB, make_bpe_tokenizer, make_word_tokenizer, word_ids, write_rows
 
-from conftest import VOCAB, make_bpe_tokenizer, make_word_tokenizer, word_ids, write_rows
 from nibbletune.data import DataError, build_dataset
 from nibbletune.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 

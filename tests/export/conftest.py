@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from export_helpers import make_adapter, save_model, tiny_llama, train_tokenizer
+from export_helpers import TEXT, make_adapter, save_model, tiny_llama, train_tokenizer
 
 # Tiny models: one thread is faster than two fighting over small matmuls (as in tests/train).
 torch.set_num_threads(1)
@@ -11,6 +11,12 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def token_ids(tokenizer):
+    """The ids of export_helpers.TEXT, the prompt the GGUF forward checks run."""
+    return tokenizer(TEXT)["input_ids"]
 
 
 @pytest.fixture(scope="session")

@@ -82,3 +82,45 @@ def make_adapter(base: Path, out: Path, use_dora: bool = False, seed: int = 1, r
                 m.mul_(1 + 0.1 * torch.randn(m.shape, generator=generator))
     save_adapter(model, out, settings)
     return out
+
+
+TEXT = "question: what is the capital of france? answer:  paris, in 1887.  it's 12345 -- ok!!"
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 128, "bos_token_id": 0, "eos_token_id": 1}
+
+
+def tiny_family(family: str, vocab_size: int):
+    """A random 2-layer model of `family`, weights widened and norms perturbed as tiny_llama does."""
+    if family == "llama":
+        return tiny_llama(vocab_size=vocab_size)
+    if family in ("llama3-rope", "linear-rope"):
+        rope = ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 16} if family == "llama3-rope" else
+                {"rope_type": "linear", "factor": 4.0})
+        config = transformers.LlamaConfig(**SMALL, vocab_size=vocab_size, rope_parameters={"rope_theta": 10000.0, **rope})
+    elif family == "llama-tied":
+        config = transformers.LlamaConfig(**SMALL, vocab_size=vocab_size, tie_word_embeddings=True)
+    elif family == "llama-head-dim":  # head_dim * heads != hidden: exercises attention.key_length
+        config = transformers.LlamaConfig(**SMALL, vocab_size=vocab_size, head_dim=32, rope_theta=500000.0)
+    elif family == "mistral":
+        config = transformers.MistralConfig(**SMALL, vocab_size=vocab_size, sliding_window=4096, rms_norm_eps=1e-5)
+    else:
+        config = transformers.Qwen2Config(**SMALL, vocab_size=vocab_size, tie_word_embeddings=family == "qwen2-tied",
+                                          rope_theta=1000000.0)
+    torch.manual_seed(2)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                param.add_(0.1 * torch.randn_like(param))
+            else:
+                param.mul_(3.0)
+    return model
+
+
+def save_family(family: str, root: Path, tokenizer, token_ids: list[int]):
+    """(model dir under root/family, the HF model, its float32 logits for token_ids) of tiny_family(family)."""
+    model = tiny_family(family, len(tokenizer))
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0]
+    return save_model(model, root / family, tokenizer), model, logits

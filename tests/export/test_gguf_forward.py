@@ -10,15 +10,12 @@ import transformers
 
 gguf = pytest.importorskip("gguf")
 
-from export_helpers import save_model, tiny_llama
+from export_helpers import save_family
 from gguf_reference import forward, read_gguf_lora, read_gguf_model
 
 from nibbletune.export import gguf_export
 from nibbletune.export.gguf_export import export_gguf
 
-TEXT = "question: what is the capital of france? answer:  paris, in 1887.  it's 12345 -- ok!!"
-SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "max_position_embeddings": 128, "bos_token_id": 0, "eos_token_id": 1}
 # max |logits - HF float32 logits| / std accepted per type: each type's rounding noise on these widened
 # (so noisy) models. Measured worst case over the families: f32 2e-6, f16 2.5e-3, bf16 1.8e-2,
 # q8_0 6.2e-2, q4_0 1.1; limits are ~3x that.
@@ -48,51 +45,12 @@ def rounded_state(model, out_type: str) -> dict:
     return state
 
 
-def tiny_family(family: str, vocab_size: int):
-    """A random 2-layer model of `family`, weights widened and norms perturbed as tiny_llama does."""
-    if family == "llama":
-        return tiny_llama(vocab_size=vocab_size)
-    if family in ("llama3-rope", "linear-rope"):
-        rope = ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                 "original_max_position_embeddings": 16} if family == "llama3-rope" else
-                {"rope_type": "linear", "factor": 4.0})
-        config = transformers.LlamaConfig(**SMALL, vocab_size=vocab_size, rope_parameters={"rope_theta": 10000.0, **rope})
-    elif family == "llama-tied":
-        config = transformers.LlamaConfig(**SMALL, vocab_size=vocab_size, tie_word_embeddings=True)
-    elif family == "llama-head-dim":  # head_dim * heads != hidden: exercises attention.key_length
-        config = transformers.LlamaConfig(**SMALL, vocab_size=vocab_size, head_dim=32, rope_theta=500000.0)
-    elif family == "mistral":
-        config = transformers.MistralConfig(**SMALL, vocab_size=vocab_size, sliding_window=4096, rms_norm_eps=1e-5)
-    else:
-        config = transformers.Qwen2Config(**SMALL, vocab_size=vocab_size, tie_word_embeddings=family == "qwen2-tied",
-                                          rope_theta=1000000.0)
-    torch.manual_seed(2)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                param.add_(0.1 * torch.randn_like(param))
-            else:
-                param.mul_(3.0)
-    return model
-
-
-@pytest.fixture(scope="module")
-def token_ids(tokenizer):
-    return tokenizer(TEXT)["input_ids"]
-
-
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory, tokenizer, token_ids):
     """{family: (model dir, HF model, HF float32 logits for token_ids)}."""
     root = tmp_path_factory.mktemp("families")
-    models = {}
-    for family in [*FAMILIES, "llama3-rope", "linear-rope"]:
-        model = tiny_family(family, len(tokenizer))
-        with torch.no_grad():
-            logits = model(torch.tensor([token_ids])).logits[0]
-        models[family] = (save_model(model, root / family, tokenizer), model, logits)
-    return models
+    return {family: save_family(family, root, tokenizer, token_ids)
+            for family in [*FAMILIES, "llama3-rope", "linear-rope"]}
 
 
 def hf_logits(model, state: dict, token_ids) -> torch.Tensor:

@@ -19,8 +19,7 @@ import transformers
 
 pytest.importorskip("gguf")
 
-from export_helpers import save_model
-from test_gguf_forward import TEXT, tiny_family
+from export_helpers import TEXT, save_family
 
 from nibbletune.export import merge
 from nibbletune.export.gguf_export import export_gguf
@@ -57,20 +56,13 @@ def run_check(tmp_path: Path, gguf_path: Path, expected: torch.Tensor, tokens: l
 
 
 @pytest.fixture(scope="module")
-def token_ids(tokenizer):
-    return tokenizer(TEXT)["input_ids"]
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer, token_ids):
     """{family: (model dir, HF float32 logits)} for a Llama (untied, GQA) and a Qwen2 (tied, biases)."""
     root = tmp_path_factory.mktemp("llamacpp")
     out = {}
     for family in ("llama", "qwen2-tied"):
-        model = tiny_family(family, len(tokenizer))
-        with torch.no_grad():
-            logits = model(torch.tensor([token_ids])).logits[0]
-        out[family] = (save_model(model, root / family, tokenizer), logits)
+        path, _, logits = save_family(family, root, tokenizer, token_ids)
+        out[family] = (path, logits)
     return out
 
 

@@ -70,11 +70,16 @@ def test_corrupt_header(llama_dir):
         load_model(llama_dir)
 
 
+def _write_safetensors(path, header: dict, data_bytes: int = 16):
+    """A safetensors file with `header` as written and `data_bytes` zero bytes of data."""
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(data_bytes))
+    return path
+
+
 def test_inconsistent_offsets(tmp_path):
     header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}
-    raw = json.dumps(header).encode()
-    path = tmp_path / "bad.safetensors"
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    path = _write_safetensors(tmp_path / "bad.safetensors", header)
     with pytest.raises(FormatError, match="'a' has byte range"):
         read_header(path)
 
@@ -82,9 +87,7 @@ def test_inconsistent_offsets(tmp_path):
 def test_overlapping_tensors(tmp_path):
     header = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
               "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
-    raw = json.dumps(header).encode()
-    path = tmp_path / "bad.safetensors"
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    path = _write_safetensors(tmp_path / "bad.safetensors", header)
     with pytest.raises(FormatError, match="overlap"):
         read_header(path)
 

@@ -98,6 +98,10 @@ def test_requantizing_the_dequantized_tensor_keeps_the_codes(case, double_quant)
       (bitsandbytes computes the same; see test_quantize_vs_bnb). Its dequantized values are
       sign-flipped, so its codes cannot survive. Idempotence is asserted on blocks whose
       recovered scale is positive.
+
+    And one exemption: an element whose decoded value lies below the smallest normal number of
+    a 16-bit dtype is rounded on the absolute subnormal grid (or to zero) on the way out, e.g.
+    FP4's 0.0052 * 1.0e-6 becomes 0.0 in float16, so it may come back with a neighbouring code.
     """
     x, quant_type, blocksize = case
     qt = quantize(x, quant_type, blocksize, double_quant=double_quant)
@@ -109,7 +113,10 @@ def test_requantizing_the_dequantized_tensor_keeps_the_codes(case, double_quant)
     positive_scale = block_absmax_per_element(qt) > 0
     zero_block = block_absmax_per_element(quantize(x, quant_type, blocksize, False)) == 0
     keep = positive_scale | zero_block if not double_quant else positive_scale
-    assert torch.equal(codes_again[keep], expected[keep])
+    decoded = qt.dequantize(torch.float32).flatten().abs()
+    subnormal_on_output = (decoded > 0) & (decoded < torch.finfo(x.dtype).tiny)
+    compared = keep & ~subnormal_on_output
+    assert torch.equal(codes_again[compared], expected[compared])
     if not double_quant:
         assert bool(keep.all())
         if x.dtype == torch.float32:  # no rounding on the way back: the values are a fixed point too

@@ -48,7 +48,6 @@ def _load(args):
         model = load_model(args.model, quant_type=quant["quant_type"], double_quant=quant["double_quant"],
                            blocksize=quant["blocksize"], skip_modules=quant["skip_modules"] or None,
                            compute_dtype=args.compute_dtype or quant["compute_dtype"] or "auto")
-        model.eval()
         if args.adapter:
             load_adapter(model, args.adapter, dtype=None)
     model.eval()  # LoRA dropout off: greedy decoding is deterministic

@@ -24,7 +24,6 @@ from torch.utils.data import Dataset
 from nibbletune.data.formats import (
     FORMATS,
     Rendered,
-    check_format_name,
     detect_format,
     load_records,
     render,
@@ -97,8 +96,7 @@ def build_dataset(
         raise DataError(f"seq_len must be at least 2 tokens, got {seq_len}")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of rows, got {limit}")
-    check_format_name(format)
-    records = load_records(path, format)
+    records = load_records(path, format)  # checks the format name first
     if limit is not None:
         records = records[:limit]
     if format == "auto":
@@ -114,22 +112,23 @@ def build_dataset(
     kept: list[Example] = []
     for example in examples:
         stats.lengths.append(len(example.input_ids))
-        if not example.trained_tokens:
+        trained_tokens = example.trained_tokens
+        if not trained_tokens:
             stats.dropped_no_trained += 1
             continue
         fitted = truncate(example, seq_len)
         if fitted is not example:
             stats.truncated += 1
-            if not fitted.trained_tokens:
+            trained_tokens = fitted.trained_tokens
+            if not trained_tokens:
                 stats.dropped_truncated += 1
                 continue
         elif not has_stop_token(example.labels, info):
             stats.no_eos += 1
         kept.append(fitted)
-        stats.trained_tokens += fitted.trained_tokens
+        stats.trained_tokens += trained_tokens
         stats.total_tokens += len(fitted.input_ids)
     stats.kept = len(kept)
-    stats.dropped = stats.dropped_no_trained + stats.dropped_truncated
 
     if packing:
         kept = pack(kept, seq_len, info.pad_token_id)

@@ -33,8 +33,6 @@ class DataStats:
     """Samples that go into training (before packing)."""
     truncated: int = 0
     """Rows longer than ``seq_len``, cut to it (including those then dropped)."""
-    dropped: int = 0
-    """Rows left out: ``dropped_no_trained + dropped_truncated``."""
     dropped_no_trained: int = 0
     """Rows with no trained token at all (e.g. a conversation without an assistant turn)."""
     dropped_truncated: int = 0
@@ -49,6 +47,11 @@ class DataStats:
     packed: bool = False
     sequences: int = 0
     """Training sequences: samples, or packed sequences when packing."""
+
+    @property
+    def dropped(self) -> int:
+        """Rows left out: ``dropped_no_trained + dropped_truncated``."""
+        return self.dropped_no_trained + self.dropped_truncated
 
     @property
     def trained_token_fraction(self) -> float:

@@ -9,7 +9,6 @@ model is built.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,13 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError, NibbletuneError
+from ..loading.json_files import read_json_file
+from ..loading.peft_adapter import CONFIG_NAME as ADAPTER_CONFIG
+from ..loading.peft_adapter import KEY_PREFIX as PEFT_PREFIX
+from ..loading.peft_adapter import SIDECAR_NAME, read_base_quantization
+from ..loading.peft_adapter import WEIGHTS_NAME as ADAPTER_WEIGHTS
 from ..loading.safetensors_io import open_checkpoint
-
-PEFT_PREFIX = "base_model.model."
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from ..modules.lora import lora_scaling
 
 
 class AdapterMismatchError(NibbletuneError, ValueError):
@@ -52,7 +53,7 @@ class Adapter:
     @property
     def scaling(self) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT's rule)."""
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
 
     def quant_settings(self) -> dict:
         """The base quantization the adapter was trained with (see `training_quant_settings`)."""
@@ -72,8 +73,6 @@ def training_quant_settings(adapter_dir: str | os.PathLike) -> dict:
     double_quant, blocksize, compute_dtype (None: not recorded), skip_modules, quantized (False
     when training ran on a base with no 4-bit linears), source (the file, or "defaults").
     """
-    from ..loading.peft_adapter import SIDECAR_NAME, read_base_quantization
-
     root = Path(adapter_dir)
     settings = dict(DEFAULT_QUANT, source="defaults")
     found, recorded = read_base_quantization(root)
@@ -131,16 +130,9 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
     """Read and check an adapter directory; FormatError naming the file or key on any problem."""
     root = Path(path)
     config_file, weights_file = root / ADAPTER_CONFIG, root / ADAPTER_WEIGHTS
-    if not root.is_dir():
-        raise FormatError(f"{root}: not a directory (expected a PEFT adapter directory)")
-    if not config_file.is_file():
-        raise FormatError(f"{root}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
+    config = read_json_file(root, ADAPTER_CONFIG, "a PEFT adapter directory")
     if not weights_file.is_file():
         raise FormatError(f"{root}: no {ADAPTER_WEIGHTS}")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{config_file}: invalid JSON ({exc})") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise FormatError(f"{config_file}: peft_type {config.get('peft_type')!r} is not supported (LORA only)")
     try:

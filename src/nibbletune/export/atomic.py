@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import NibbletuneError
+from ..native import return_freed_memory
 
 DEFAULT_SHARD_BYTES = 1 << 30
 TOKENIZER_FILES = (
@@ -155,7 +156,7 @@ class ShardWriter:
         self._pending = {}
         self._pending_storages = set()
         self._pending_bytes = 0
-        release_free_memory()
+        return_freed_memory()
 
     def close(self) -> list[str]:
         """Flush, give the shards their final names, write the index; return the file names."""
@@ -173,28 +174,6 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         write_json(self.directory / "model.safetensors.index.json", index)
         return names
-
-
-def release_free_memory() -> None:
-    """Return freed heap pages to the OS (glibc `malloc_trim`); a no-op elsewhere.
-
-    Quantizing one tensor after another leaves the heap fragmented, so without this the
-    resident size creeps up by tens of MB per layer even though nothing is kept.
-    """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def directory_bytes(path: Path) -> int:

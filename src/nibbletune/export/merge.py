@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import FormatError, NibbletuneError
 from ..loading.model_location import resolve_model_dir
 from ..loading.safetensors_io import open_checkpoint
-from ..loading.surgery import select_linears
+from ..loading.surgery import is_linear, linear_features, select_linears, to_linear_layout
 from ..modules.loftq import read_loftq_note
+from ..native import return_freed_memory
 from ..quant import from_bnb_state_dict, quantize
 from ..quant.bnb_format import bnb_state_keys, is_bnb_quantized
 from .adapter_files import check_adapter_fits, merged_lora_weight, read_adapter
@@ -39,7 +39,6 @@ from .atomic import (
     check_output,
     copy_if_present,
     copy_tokenizer_files,
-    release_free_memory,
     staged_output,
     write_json,
 )
@@ -62,14 +61,6 @@ class MergeReport:
     base_16bit: bool
     verification: object | None
     quant_settings: dict
-
-
-def _linear_layout(module: nn.Module) -> tuple[tuple[int, int], bool]:
-    """((out, in), transposed): Conv1D keeps (in, out) on disk."""
-    if isinstance(module, nn.Linear):
-        return (module.out_features, module.in_features), False
-    in_features, out_features = module.weight.shape
-    return (out_features, in_features), True
 
 
 def merge(
@@ -116,9 +107,8 @@ def merge(
     out_dtype = OUTPUT_DTYPES[out_dtype_name]
 
     skeleton = build_skeleton(source, trust_remote_code)
-    linear_modules = {name: _linear_layout(m) for name, m in skeleton.named_modules()
-                      if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
-    check_adapter_fits(lora, {n: shape for n, (shape, _) in linear_modules.items()}, source)
+    linear_modules = {name: m for name, m in skeleton.named_modules() if is_linear(m)}
+    check_adapter_fits(lora, {n: linear_features(m) for n, m in linear_modules.items()}, source)
     # linears training ran in 4 bits from full-precision weights (a 4-bit base is decoded as stored)
     decoded_as_stored = base_16bit or base_is_4bit or not settings["quantized"]
     trained_4bit = set() if decoded_as_stored else set(select_linears(skeleton, settings["skip_modules"]))
@@ -140,14 +130,13 @@ def merge(
                 module_name = key.removesuffix(".weight")
                 weight = _base_tensor(checkpoint, key, module_name, linear_modules, trained_4bit, settings)
                 if module_name in lora.modules and key.endswith(".weight"):
-                    _, transposed = linear_modules[module_name]
-                    as_linear = weight.t() if transposed else weight
-                    merged = merged_lora_weight(as_linear, lora.modules[module_name], lora.scaling)
-                    weight = merged.t().contiguous() if transposed else merged
+                    module = linear_modules[module_name]  # Conv1D: (in, out) on disk, transposed both ways
+                    merged = merged_lora_weight(to_linear_layout(module, weight), lora.modules[module_name], lora.scaling)
+                    weight = to_linear_layout(module, merged)
                     merged_count += 1
                 writer.add(key, weight.to(out_dtype) if weight.is_floating_point() else weight)
                 del weight
-                release_free_memory()
+                return_freed_memory()
             checkpoint.close()
         writer.close()
         raw_config.pop("quantization_config", None)
@@ -163,7 +152,7 @@ def merge(
 
             verification = check_merged(
                 base, adapter, staging, settings, out_dtype_name, base_16bit=bool(base_16bit),
-                base_is_4bit=base_is_4bit, tolerance=tolerance, trust_remote_code=trust_remote_code,
+                tolerance=tolerance, trust_remote_code=trust_remote_code,
             )
         output_bytes = writer.total_bytes
     return MergeReport(out, out_dtype_name, merged_count, output_bytes, bool(base_16bit), verification, settings)
@@ -202,13 +191,13 @@ def _base_tensor(checkpoint, key: str, module_name: str, linear_modules: dict, t
     if not value.is_floating_point():
         return value
     if key.endswith(".weight") and module_name in trained_4bit:
-        _, transposed = linear_modules[module_name]
-        as_linear = value.t().contiguous() if transposed else value
+        module = linear_modules[module_name]
+        as_linear = to_linear_layout(module, value)
         if as_linear.dtype not in _FLOAT_DTYPES:
             as_linear = as_linear.float()
         decoded = quantize(as_linear, settings["quant_type"], settings["blocksize"], settings["double_quant"])
         restored = decoded.dequantize(torch.float32)
-        return restored.t().contiguous() if transposed else restored
+        return to_linear_layout(module, restored)
     if module_name in linear_modules and key.endswith(".weight"):
         return value.float()  # a LoRA target may still need the float32 merge
     return value  # cast straight to the output dtype: no float32 copy of embeddings or lm_head

@@ -27,13 +27,13 @@ from ..loading.load import load_config
 from ..loading.model_location import resolve_model_dir
 from ..loading.safetensors_io import open_checkpoint
 from ..loading.surgery import empty_parameters, matches
+from ..native import return_freed_memory
 from ..quant import quantize, to_bnb_state_dict
 from .atomic import (
     DEFAULT_SHARD_BYTES,
     ShardWriter,
     copy_if_present,
     copy_tokenizer_files,
-    release_free_memory,
     staged_output,
     write_json,
 )
@@ -178,7 +178,7 @@ def quantize_checkpoint(
                         writer.add(entry, tensor)
                     quantized += 1
                     del qt
-                    release_free_memory()
+                    return_freed_memory()
                 else:
                     writer.add(key, value)
                     copied += 1

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NibbletuneError
-from .atomic import release_free_memory
+from ..native import return_freed_memory
 
 # dtype -> (max |diff| / std(reference logits), minimum top-1 agreement)
 TOLERANCES = {"float32": (1e-3, 0.99), "float16": (0.05, 0.9), "bfloat16": (0.15, 0.8)}
@@ -113,7 +113,6 @@ def check_merged(
     settings: dict,
     dtype_name: str,
     base_16bit: bool = False,
-    base_is_4bit: bool = False,
     tolerance: float | None = None,
     trust_remote_code: bool = False,
 ) -> Verification:
@@ -136,13 +135,12 @@ def check_merged(
                                                                trust_remote_code=trust_remote_code)
     reference_model.eval()
     load_adapter(reference_model, adapter, dtype=torch.float32)  # LoRA layers follow: eval, no dropout
-    reference_model.eval()
     vocab_size = reference_model.get_input_embeddings().weight.shape[0]
     input_ids = held_out_inputs(merged_dir, vocab_size)
     reference = logits(reference_model, input_ids)
     del reference_model
     gc.collect()
-    release_free_memory()  # the 4-bit model's pages go back before the merged model is loaded
+    return_freed_memory()  # the 4-bit model's pages go back before the merged model is loaded
     merged_model = AutoModelForCausalLM.from_pretrained(
         merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
     ).eval()

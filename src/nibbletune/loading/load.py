@@ -18,14 +18,10 @@ Peak memory is the 4-bit model plus about one tensor of the checkpoint.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import json
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -34,8 +30,10 @@ from torch import nn
 from ..devices import resolve_compute_dtype
 from ..errors import FormatError, NibbletuneError, QuantizationError
 from ..modules import LinearNF4
+from ..native import return_freed_memory
 from ..quant import from_bnb_state_dict, quantize
 from ..quant.bnb_format import QUANT_STATE_KEY, bnb_state_keys, is_bnb_quantized, unpack_json
+from .json_files import read_json_file
 from .model_location import resolve_model_dir
 from .safetensors_io import Checkpoint, open_checkpoint
 from .surgery import (
@@ -118,7 +116,7 @@ def load_model(
         linears.sort(key=lambda plan: position[plan.weight_key])  # read each file front to back
         for plan in linears:
             _load_linear(model, checkpoint, plan, dtype, quant_type, blocksize, double_quant, quantize_weight)
-            _return_freed_memory()
+            return_freed_memory()
         done = {plan.weight_key for plan in linears} | {plan.bias_key for plan in linears}
         for name, key in sorted(sources.items(), key=lambda item: position[item[1]]):
             if key in done:
@@ -144,15 +142,8 @@ def load_config(root: str | os.PathLike, trust_remote_code: bool = False):
 
     root = resolve_model_dir(root)
     config_file = root / "config.json"
-    if not root.is_dir():
-        raise FormatError(f"{root}: not a directory")
-    if not config_file.is_file():
-        raise FormatError(f"{root}: no config.json (a transformers model directory is expected)")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{config_file}: invalid JSON ({exc})") from None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    raw = read_json_file(root, "config.json", "a transformers model directory")
+    model_type = raw.get("model_type")
     if "auto_map" in raw and not trust_remote_code and model_type not in CONFIG_MAPPING_NAMES:
         raise UnsupportedModelError(
             f"{config_file}: model_type {model_type!r} needs the checkpoint's own Python code; "
@@ -284,27 +275,6 @@ def _plan(model: nn.Module, checkpoint: Checkpoint, selected: list[str], prequan
     if prequantized_file and not prequantized_keys:
         raise FormatError(f"{checkpoint.files[0].parent}: quantization_config says 4-bit but no tensor has a quant_state")
     return sources, linear_plans
-
-
-@lru_cache(maxsize=1)
-def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:  # pragma: no cover
-        return None
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
-
-    Quantizing a weight allocates float32 temporaries of up to 16 MB; glibc serves those from
-    the heap and keeps the freed pages, so without this the resident size after loading a
-    ~2 GB model grew by about half the 4-bit size (measured with benchmarks/load_memory.py).
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _check_quant_state_shape(checkpoint: Checkpoint, weight_key: str, features: tuple[int, int]) -> None:

@@ -44,6 +44,7 @@ from ..modules.inject import (
     resolve_targets,
 )
 from ..modules.linear_nf4 import LinearNF4
+from .surgery import is_linear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -133,8 +134,7 @@ def base_quantization(model: nn.Module) -> dict | None:
     skipped = [path for path, layer in wrapped.items() if not isinstance(layer.base, LinearNF4)]
     for name, module in model.named_modules():
         inside_lora = any(name.startswith(path + ".") for path in wrapped)
-        if (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") and module is not head \
-                and not inside_lora:
+        if is_linear(module) and module is not head and not inside_lora:
             skipped.append(name)
     return {
         "quant_type": first.quant_type, "blocksize": int(first.blocksize),
@@ -271,6 +271,8 @@ def load_adapter(model: nn.Module, adapter_dir, dtype: torch.dtype | None = None
     if dtype is not None:
         settings.adapter_dtype = str(dtype).removeprefix("torch.")
     adapter_dtype(settings)  # validate early
+    if lora_layers(model):
+        raise NibbletuneError("load_adapter: the model already has LoRA layers; load into a fresh base model")
     weights_path = adapter_dir / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FormatError(f"{weights_path}: not found")
@@ -278,8 +280,6 @@ def load_adapter(model: nn.Module, adapter_dir, dtype: torch.dtype | None = None
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise FormatError(f"{weights_path}: cannot read ({exc})") from None
-    if lora_layers(model):
-        raise NibbletuneError("load_adapter: the model already has LoRA layers; load into a fresh base model")
     expected = _expected_shapes(model, settings)  # checked before the model is changed
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -291,10 +291,9 @@ def load_adapter(model: nn.Module, adapter_dir, dtype: torch.dtype | None = None
         if tuple(value.shape) != expected[key]:
             raise FormatError(f"{weights_path}: '{key}' has shape {tuple(value.shape)}, model expects {expected[key]}")
     apply_lora(model, settings)
-    for layer in lora_layers(model).values():
-        layer.train(model.training)  # new modules start in train mode: dropout would be on
     with torch.no_grad():
         for path, layer in lora_layers(model).items():
+            layer.train(model.training)  # new modules start in train mode: dropout would be on
             for name, param in layer.adapter_state_dict().items():
                 param.copy_(tensors[f"{KEY_PREFIX}{path}.{name}"].to(param.dtype))
     return settings

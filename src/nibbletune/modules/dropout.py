@@ -24,6 +24,7 @@ state is restored.
 from __future__ import annotations
 
 import ctypes
+import math
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-ffp-contract
 MASK_RESOLUTION = 1 << 16
 _MAX_ELEMENTS = 1 << 33  # pairs are indexed mod 2^32
 _UINT32 = 0xFFFFFFFF
+
 
 def _configure(library: ctypes.CDLL) -> None:
     library.nt_dropout_mask.argtypes = [
@@ -80,9 +82,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def dropout_mask_reference(shape, p: float, seed: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """The mask in pure torch (any device): values 1 / (1 - p') where kept, 0 where dropped."""
-    numel = 1
-    for size in shape:
-        numel *= int(size)
+    numel = math.prod(int(size) for size in shape)
     pair_index = torch.arange((numel + 1) // 2, dtype=torch.int64, device=device) & _UINT32
     seed_lo, seed_hi = seed & _UINT32, (seed >> 32) & _UINT32
     h = _mix32((_mix32(pair_index ^ seed_lo) + seed_hi) & _UINT32)
@@ -94,10 +94,8 @@ def dropout_mask_reference(shape, p: float, seed: int, dtype: torch.dtype, devic
 def dropout_mask(shape, p: float, seed: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """The dropout mask of `shape` for `seed`: the C kernel on CPU, `dropout_mask_reference` elsewhere."""
     device = torch.device(device or "cpu")
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    element_size = torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(int(size) for size in shape)
+    element_size = dtype.itemsize
     library = _get_library() if device.type == "cpu" and kernels_enabled() else None
     if library is None or element_size not in (2, 4) or numel >= _MAX_ELEMENTS or not dtype.is_floating_point:
         return dropout_mask_reference(shape, p, seed, dtype, device)

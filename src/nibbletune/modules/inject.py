@@ -48,10 +48,6 @@ class LoraSettings:
     adapter_dtype: str = "float32"
     """dtype of the adapter parameters: float32, bfloat16 or float16."""
 
-    def scaling(self) -> float:
-        """The multiplier applied to B @ A."""
-        return self.alpha / self.r ** 0.5 if self.use_rslora else self.alpha / self.r
-
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None

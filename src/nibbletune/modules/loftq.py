@@ -127,8 +127,7 @@ class LoftQBase:
                 layer.lora_A.weight.copy_(lora_A)
                 layer.lora_B.weight.copy_(lora_B)
                 if layer.lora_magnitude_vector is not None:  # DoRA: magnitude of the new base + B A
-                    weight = layer.base.dequantized_weight(torch.float32) + layer.delta_weight().float()
-                    layer.lora_magnitude_vector.copy_(torch.linalg.norm(weight, dim=1))
+                    layer.lora_magnitude_vector.copy_(layer._weight_norm(torch.float32))
         return sorted(self.factors)
 
     def note(self) -> dict:

@@ -100,7 +100,7 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.use_rslora, self.use_dora, self.init = int(r), alpha, use_rslora, use_dora, init
         self.scaling = lora_scaling(self.r, alpha, use_rslora)
-        device = base.packed_codes.device if isinstance(base, LinearNF4) else base.weight.device
+        device = base.weight.device  # a LinearNF4's weight is its QuantizedTensor
         for p in base.parameters():
             p.requires_grad_(False)
         self.base = base
@@ -208,7 +208,7 @@ class LoraLinear(nn.Module):
         """(m / n - 1) * x W^T + (m / n) * scaling * B A x, as in PEFT's DoraLinearLayer.forward."""
         norm = self._weight_norm(x.dtype)  # detached, as PEFT does
         mag_norm_scale = (self.lora_magnitude_vector / norm).view(1, -1)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+        if self._dropout_p() == 0.0:
             base_result = result if self.base.bias is None else result - self.base.bias.to(result.dtype)
         else:
             x = self._dropout(x)

@@ -42,6 +42,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-ffp-contract
 HUGEPAGE_MIN_BYTES = 4 << 20
 _OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
+
 def _configure(library: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     library.nt_dequant4bit.argtypes = [

@@ -55,6 +55,7 @@ from functools import lru_cache
 import torch
 
 from .codebooks import NESTED_BLOCKSIZE, codebook, dynamic_map
+from .dequantize import OUTPUT_DTYPES, _check_out
 
 try:  # Triton is optional; a broken install must not break `import nibbletune`.
     import triton
@@ -63,7 +64,6 @@ except Exception:  # noqa: BLE001
     triton = None
     tl = None
 
-OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_NUM_WARPS = 8
 
 
@@ -208,11 +208,8 @@ def dequantize_triton(
         raise ValueError(f"the Triton kernel runs on CUDA tensors, got one on {qt.device}")
     if out is None:
         out = torch.empty(qt.shape, dtype=dtype, device=qt.device)
-    elif out.shape != qt.shape or out.dtype != dtype or out.device != qt.device or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a contiguous {dtype} tensor of shape {tuple(qt.shape)} on {qt.device}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
-        )
+    else:
+        _check_out(out, qt, dtype)
     n = qt.numel
     if n == 0:
         return out

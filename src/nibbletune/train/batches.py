@@ -13,7 +13,7 @@ import math
 
 import torch
 
-IGNORE_INDEX = -100
+from ..data import IGNORE_INDEX, collate
 
 
 class BatchStream:
@@ -29,8 +29,6 @@ class BatchStream:
         self._order_epoch, self._order = -1, None
 
     def next(self) -> dict[str, torch.Tensor]:
-        from ..data import collate
-
         epoch, index = divmod(self.position, self.per_epoch)
         if epoch != self._order_epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -65,8 +63,6 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 def evaluate(model, examples: list, micro_batch_size: int, pad_token_id: int, device, autocast) -> float:
     """Mean next-token loss over every trained token of `examples`."""
-    from ..data import collate
-
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

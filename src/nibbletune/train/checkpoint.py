@@ -149,6 +149,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def replace_directory(staging: Path, final: Path) -> None:
+    """Rename the finished `staging` directory to `final`; an existing `final` is moved aside first,
+    so `final` is always either the old directory or the new one, then the old one is deleted."""
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
 def write_loftq_note(model, directory: str | Path) -> None:
     """Write `loftq.json` into an adapter directory when `model`'s adapters were LoftQ-initialised."""
     from ..modules.loftq import LOFTQ_NOTE
@@ -189,13 +201,7 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, settings, 
     }
     (tmp / STATE_JSON).write_text(json.dumps(meta))
     _fsync_tree(tmp)
-    if final.exists():  # same step saved twice (e.g. interrupt right after a periodic save)
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    replace_directory(tmp, final)  # final exists when a step is saved twice (interrupt after a periodic save)
     _fsync_dir(root)
     if keep > 0:
         for stale in list_checkpoints(output_dir)[:-keep]:

@@ -120,7 +120,8 @@ def prepare_model(config: TrainConfig, device: torch.device):
 
     loftq = loftq_base(config)
     model = load_model(config.model, quant_type=config.quant.type, double_quant=config.quant.double_quant,
-                       blocksize=config.quant.blocksize, compute_dtype=config.quant.compute_dtype,
+                       blocksize=config.quant.blocksize,
+                       compute_dtype=resolve_compute_dtype(config.quant.compute_dtype, device),  # "auto" as autocast
                        quantize_weight=loftq)
     settings = lora_settings(config)
     seed_everything(config.train.seed)
@@ -177,13 +178,12 @@ class Trainer:
         self.loss_scaling = LossScaling(self.compute_dtype, self.device)
         self.skipped_in_a_row = 0
         self.tokenizer = load_tokenizer(config.model)
-        pad = self.tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         build = {"tokenizer": self.tokenizer, "seq_len": config.train.seq_len, "format": config.data.format,
                  "packing": config.train.packing}
         self.train_data = build_dataset(config.data.path, **build)
         if not self.train_data.examples:
             raise ConfigError(f"'data.path' {config.data.path}: no training examples")
+        self.pad_token_id = self.train_data.pad_token_id  # pad token, else EOS, else 0 (TokenizerInfo)
         self.eval_data = build_dataset(config.data.eval_path, **build) if config.data.eval_path else None
         for dataset, name in ((self.train_data, "data.path"), (self.eval_data, "data.eval_path")):
             for warning in getattr(dataset, "warnings", None) or []:
@@ -242,7 +242,7 @@ class Trainer:
         """One optimizer step; returns (loss, grad_norm or None for a skipped float16 step, input tokens)."""
         micro = [self.batches.next() for _ in range(self.config.train.grad_accum)]
         step_tokens = max(1, sum(trained_tokens(b["labels"]) for b in micro))
-        loss_total = torch.zeros((), dtype=torch.float64)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # read back once per step
         input_tokens = 0
         for batch in micro:
             labels = batch["labels"].to(self.device)
@@ -250,7 +250,7 @@ class Trainer:
                 logits = self.model(**model_inputs(batch, self.device)).logits
             loss = token_loss_sum(logits, labels) / step_tokens
             self.loss_scaling.backward(loss)
-            loss_total += loss.detach().double().cpu()
+            loss_total += loss.detach().double()
             mask = batch.get("attention_mask")
             input_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         loss_value = float(loss_total)

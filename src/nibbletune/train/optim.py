@@ -27,6 +27,7 @@ import tempfile
 
 import torch
 
+from ..quant.blockwise import quantize_blockwise_codes
 from ..quant.codebooks import dynamic_map, dynamic_map_midpoints
 
 BLOCKSIZE_8BIT = 256
@@ -75,15 +76,11 @@ class _AdamBase(torch.optim.Optimizer):
 
 
 def quantize_8bit(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat float32 values -> (uint8 codes of the dynamic map, float32 absmax per block of 256)."""
-    flat = values.reshape(-1)
-    pad = (-flat.numel()) % BLOCKSIZE_8BIT
-    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCKSIZE_8BIT)   # (nblocks, 256)
-    absmax = blocks.abs().amax(dim=1)
-    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normalized = (blocks / scale[:, None]).clamp_(-1, 1)
-    codes = torch.bucketize(normalized, dynamic_map_midpoints(values.device)).to(torch.uint8)
-    return codes.view(-1)[: flat.numel()], absmax
+    """Flat float32 values -> (uint8 codes of the dynamic map, float32 absmax per block of 256).
+
+    The blockwise quantizer of the 4-bit weights (`quant.blockwise`), with the 8-bit dynamic map.
+    """
+    return quantize_blockwise_codes(values.reshape(-1), dynamic_map_midpoints(values.device), None, BLOCKSIZE_8BIT)
 
 
 def dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, shape) -> torch.Tensor:

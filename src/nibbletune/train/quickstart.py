@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import replace_directory
 from .config import config_from_dict
 from .quickstart_base import (
     PRETRAIN_SECONDS,
@@ -91,8 +92,7 @@ def cached_task() -> tuple[Path, Path]:
         tmp = final.parent / f".tmp-{TASK_VERSION}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         build_task(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)
     return final / "train.jsonl", final / "eval.jsonl"
 
 
@@ -154,8 +154,8 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", steps: int = FINE
     eval_data = build_dataset(eval_path, tokenizer, config.train.seq_len, format="completion")
 
     base = load_model(base_dir, compute_dtype=config.quant.compute_dtype)
-    autocast = autocast_factory(torch.device("cpu"), next(base.parameters()).dtype)
     cpu = torch.device("cpu")
+    autocast = autocast_factory(cpu, next(base.parameters()).dtype)
     loss_before = evaluate(base, eval_data.examples, 16, eval_data.pad_token_id, cpu, autocast)
     for sample in samples:
         sample.before = greedy(base, tokenizer, sample.prompt)

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import replace_directory
+
 BASE_VERSION = "base-v2"
 EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
                  "__pycache__", "ensurepip", "tkinter", "pydoc_data"}
@@ -256,11 +258,7 @@ def ensure_base(steps: int = PRETRAIN_STEPS, seconds: float = PRETRAIN_SECONDS, 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         build_base(tmp, steps, seconds, progress)
-        if final.exists():
-            old = final.parent / f".old-{BASE_VERSION}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
