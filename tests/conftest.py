@@ -1,9 +1,15 @@
-"""Shared test fixtures: seeded generators, the bitsandbytes oracle, and a differential check.
+"""Shared test fixtures: seeded generators, the compute-dtype regimes, the bitsandbytes oracle.
 
 The `bnb` fixture skips a test cleanly when bitsandbytes is not installed. `bnb_oracle` wraps
 the few bitsandbytes calls the differential tests need, including the exact-nearest
 blockwise quantizer of bitsandbytes' *default* (pure-PyTorch) backend, which the CPU
 backend would otherwise replace with its lookup-table kernel.
+
+Compute regimes: `compute_dtype: auto` is bf16 on CPUs with native bf16 (avx512_bf16 / AMX) and
+float32 elsewhere, so the suite runs in a different regime depending on the machine. Tests that
+depend on the regime take the `compute_dtype` fixture, which runs them in both, on tiny shapes,
+on every machine; `NIBBLETUNE_AUTO_COMPUTE_DTYPE=float32|bfloat16 pytest` runs everything else as
+the other kind of machine would. The header says which machine and which regime this run is.
 """
 
 from __future__ import annotations
@@ -16,6 +22,27 @@ import torch
 
 # Tests never reach the network: a Hub id that is not cached fails at once instead of downloading.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def pytest_report_header(config) -> list[str]:
+    """The CPU kind and the compute dtype `auto` means in this run."""
+    from nibbletune.devices import AUTO_OVERRIDE_ENV, cpu_has_native_bf16, resolve_compute_dtype, simd_summary
+
+    kind = "native bf16 (avx512_bf16/AMX)" if cpu_has_native_bf16() else "no native bf16 (AVX2 class)"
+    auto = str(resolve_compute_dtype("auto")).removeprefix("torch.")
+    override = os.environ.get(AUTO_OVERRIDE_ENV)
+    source = f"forced by {AUTO_OVERRIDE_ENV}" if override else "from the CPU flags"
+    return [f"nibbletune: CPU {kind}; flags: {simd_summary()}; torch threads {torch.get_num_threads()}",
+            f"nibbletune: compute_dtype auto = {auto} ({source}); regime-dependent tests run in "
+            f"{' and '.join(COMPUTE_DTYPES)}"]
+
+
+@pytest.fixture(params=COMPUTE_DTYPES)
+def compute_dtype(request) -> str:
+    """Each compute regime in turn ("float32", "bfloat16"), whatever this machine's `auto` is."""
+    return request.param
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KINDS = (
@@ -97,12 +124,16 @@ class BnbOracle:
     ) -> list[str]:
         """Quantize `tensor` with nibbletune and bitsandbytes; return what differs (empty: all equal).
 
-        Checks: packed bytes; float32 absmax; dequantized values (only when the last dimension
-        is a multiple of the blocksize and `compare_dequant`, where bitsandbytes CPU is a
-        trustworthy oracle); with double quantization the offset, nested absmax and codes
-        against the exact-nearest default backend.
+        Checks: packed bytes; float32 absmax; dequantized values where bitsandbytes' CPU
+        dequantize is exact (the last dimension a multiple of the blocksize, and `compare_dequant`),
+        except outputs below the dtype's smallest normal number: on AVX512-BF16 CPUs bitsandbytes
+        converts to bf16 with vcvtneps2bf16, which flushes subnormals to zero, so those are checked
+        against the exact reference (`quant/reference.py`, torch's round-to-nearest-even) instead;
+        with double quantization the offset, nested absmax and codes against the exact-nearest
+        default backend.
         """
         from nibbletune.quant import quantize
+        from nibbletune.quant.reference import reference_dequantize_4bit
 
         problems = []
         ours = quantize(tensor, quant_type, blocksize, double_quant=double_quant)
@@ -116,8 +147,14 @@ class BnbOracle:
         if not double_quant and compare_dequant and tensor.shape[-1] % blocksize == 0:
             # bitsandbytes CPU returns shape (1, n) for a 1-D input: compare flat values.
             expected = self.dequantize_4bit(packed, state).reshape(-1)
-            if not torch.equal(ours.dequantize().reshape(-1), expected):
+            got = ours.dequantize().reshape(-1)
+            reference = reference_dequantize_4bit(ours.packed, ours.absmax, ours.shape, ours.dtype, quant_type,
+                                                  blocksize).reshape(-1)
+            normal = reference.float().abs() >= torch.finfo(tensor.dtype).tiny
+            if not torch.equal(got[normal], expected[normal]):
                 problems.append("dequantized values differ")
+            if not torch.equal(got[~normal], reference[~normal]):
+                problems.append("subnormal dequantized values differ from the reference")
         if double_quant:
             offset = absmax.mean()
             if ours.nested_offset != offset.item():

@@ -1,7 +1,15 @@
-"""Facts about the machine: CPU flags and the compute dtype that `auto` resolves to."""
+"""Facts about the machine: CPU flags and the compute dtype that `auto` resolves to.
+
+`auto` is bf16 on CUDA and on CPUs with native bf16 matrix instructions (avx512_bf16 or AMX:
+there a bf16 matmul is ~5x faster than float32), else float32 (on AVX2-only CPUs bf16 is
+emulated, ~100x slower). The environment variable `NIBBLETUNE_AUTO_COMPUTE_DTYPE` (float32,
+bfloat16 or float16) overrides that choice, e.g. to run float32 on a bf16 machine without
+editing configs; the test suite uses it to exercise both regimes on every machine.
+"""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
@@ -13,6 +21,13 @@ _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
+COMPUTE_DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+AUTO_OVERRIDE_ENV = "NIBBLETUNE_AUTO_COMPUTE_DTYPE"
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """"bfloat16" for torch.bfloat16 (and for the strings "torch.bfloat16" or "bfloat16")."""
+    return str(dtype).removeprefix("torch.")
 
 
 @lru_cache(maxsize=1)
@@ -41,10 +56,18 @@ def simd_summary() -> str:
 
 
 def resolve_compute_dtype(name: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> torch.dtype:
-    """Map a compute dtype name to a torch dtype; "auto" is bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    """Map a compute dtype name to a torch dtype; "auto" is bf16 on CUDA and on CPUs with native bf16, else fp32.
+
+    `NIBBLETUNE_AUTO_COMPUTE_DTYPE` replaces what "auto" means (module docstring).
+    """
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
+        override = os.environ.get(AUTO_OVERRIDE_ENV, "").strip()
+        if override:
+            if override not in _DTYPE_NAMES:
+                raise NibbletuneError(f"{AUTO_OVERRIDE_ENV}={override!r}: expected float32, bfloat16 or float16")
+            return _DTYPE_NAMES[override]
         if torch.device(device).type == "cuda" or cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32

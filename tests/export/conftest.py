@@ -4,8 +4,6 @@ import pytest
 import torch
 from export_helpers import TEXT, make_adapter, save_model, tiny_llama, train_tokenizer
 
-# Tiny models: one thread is faster than two fighting over small matmuls (as in tests/train).
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +34,9 @@ def dora_dir(tmp_path_factory, base_dir):
     """A DoRA adapter on the attention projections of base_dir."""
     return make_adapter(base_dir, tmp_path_factory.mktemp("adapters") / "dora", use_dora=True,
                         targets=["q_proj", "v_proj", "down_proj"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_for_tiny_models(single_thread):
+    """Tiny models: one thread is faster than two fighting over small matmuls (restored after each module)."""
+    yield

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from nibbletune.quant import QuantSettings
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -65,12 +66,12 @@ def save_model(model, path: Path, tokenizer=None, **kwargs) -> Path:
 
 def make_adapter(base: Path, out: Path, use_dora: bool = False, seed: int = 1, r: int = 8, targets="all-linear",
                  dropout: float = 0.0, **quant) -> Path:
-    """Load `base` in 4 bits (`quant`: load_model's quant_type, blocksize, double_quant, skip_modules),
+    """Load `base` in 4 bits (`quant`: QuantSettings fields quant_type, blocksize, double_quant, skip_modules),
     attach LoRA with random nonzero B (a 'trained' adapter), save it."""
     from nibbletune.loading import load_model, save_adapter
     from nibbletune.modules import LoraSettings, apply_lora, lora_layers
 
-    model = load_model(base, compute_dtype=torch.float32, **quant)
+    model = load_model(base, QuantSettings(compute_dtype="float32", **quant))
     settings = LoraSettings(r=r, alpha=16, dropout=dropout, target_modules=targets, use_dora=use_dora)
     apply_lora(model, settings)
     generator = torch.Generator().manual_seed(seed)

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from train_helpers import build_tiny_base, make_rows, write_config, write_jsonl
 
 from nibbletune.cli.main import main
+from nibbletune.quant import QuantSettings
 
 PROMPT = "reverse: alpha beta gamma\n=>"
 
@@ -43,7 +44,7 @@ def test_train_merge_generate_quantize(tmp_path, capsys):
     assert f"nibbletune quantize {merged}" in out
 
     # round trip: the merged checkpoint in plain transformers = the unmerged QLoRA model
-    unmerged = load_model(base, compute_dtype=torch.float32)
+    unmerged = load_model(base, QuantSettings(compute_dtype="float32"))
     load_adapter(unmerged, run)
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     input_ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -79,7 +79,7 @@ def test_qwen2_and_mistral_names(tmp_path):
 
 
 def test_gguf_lora_adapter(base_dir, adapter_dir, tmp_path):
-    from nibbletune.export.adapter_files import read_adapter
+    from nibbletune.loading import read_adapter
     from nibbletune.export.gguf_lora import export_gguf_lora
 
     report = export_gguf_lora(adapter_dir, tmp_path / "a.gguf", base_dir)

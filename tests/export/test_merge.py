@@ -9,8 +9,11 @@ from export_helpers import make_adapter, save_model, tiny_llama
 
 from nibbletune.errors import FormatError, NibbletuneError
 from nibbletune.export import OutputExistsError, merge, quantize_checkpoint
-from nibbletune.export.adapter_files import AdapterMismatchError, read_adapter
+from nibbletune.export.adapter_fit import AdapterMismatchError
+from nibbletune.export.training_record import recorded_base_quantization
 from nibbletune.export.verify import VerificationError
+from nibbletune.loading import read_adapter
+from nibbletune.quant import QuantSettings
 
 
 def _unmerged_and_merged_logits(base, adapter, merged, input_ids):
@@ -18,7 +21,7 @@ def _unmerged_and_merged_logits(base, adapter, merged, input_ids):
 
     from nibbletune.loading import load_adapter, load_model
 
-    model = load_model(base, compute_dtype=torch.float32)
+    model = load_model(base, QuantSettings(compute_dtype="float32"))
     load_adapter(model, adapter)
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     with torch.no_grad():
@@ -119,11 +122,11 @@ def test_training_quant_settings_are_read_from_the_run(base_dir, adapter_dir, tm
     shutil.copytree(adapter_dir, adapter)
     (adapter / "nibbletune.json").unlink()  # a run without the record: the run's config.yaml is read
     (adapter / "config.yaml").write_text("quant:\n  type: fp4\n  double_quant: true\n  blocksize: 64\n")
-    assert read_adapter(adapter).quant_settings()["quant_type"] == "fp4"
+    assert recorded_base_quantization(adapter).settings.quant_type == "fp4"
     report = merge(base_dir, adapter, tmp_path / "fp4", dtype="float32")
-    assert report.quant_settings["quant_type"] == "fp4" and report.quant_settings["source"].endswith("config.yaml")
-    report = merge(base_dir, adapter, tmp_path / "nf4", dtype="float32", quant_settings={"quant_type": "nf4"})
-    assert report.quant_settings["source"] == "command line" and report.verification.passed
+    assert report.base_record.settings.quant_type == "fp4" and report.base_record.source.endswith("config.yaml")
+    report = merge(base_dir, adapter, tmp_path / "nf4", dtype="float32", quant=QuantSettings(quant_type="nf4"))
+    assert report.base_record.source == "command line" and report.verification.passed
     from safetensors.torch import load_file
 
     key = "model.layers.0.mlp.up_proj.weight"

@@ -7,7 +7,8 @@ import copy
 import torch
 import transformers
 
-from nibbletune.loading.surgery import select_linears, to_linear_layout
+from nibbletune.modules import four_bit_layer_names
+from nibbletune.modules.linear_layers import to_linear_layout
 from nibbletune.modules import LinearNF4
 from nibbletune.quant import quantize
 
@@ -46,7 +47,7 @@ def dequantized_reference(model, skip_modules=(), blocksize=64, double_quant=Tru
     """A copy of `model` whose selected linear weights are dequantize(quantize(W)) in fp32."""
     reference = copy.deepcopy(model)
     with torch.no_grad():
-        for name in select_linears(reference, skip_modules):
+        for name in four_bit_layer_names(reference, skip_modules):
             module = reference.get_submodule(name)
             weight = to_linear_layout(module, module.weight)
             decoded = quantize(weight, quant_type, blocksize, double_quant).dequantize(torch.float32)
@@ -64,3 +65,10 @@ def model_output(model, input_ids):
 def count_nf4(model) -> int:
     """Number of LinearNF4 modules in `model`."""
     return sum(1 for m in model.modules() if isinstance(m, LinearNF4))
+
+
+def count_plain_linears(model) -> int:
+    """Number of nn.Linear / Conv1D modules left unquantized in `model`."""
+    from nibbletune.modules.linear_layers import is_conv1d
+
+    return sum(1 for m in model.modules() if type(m) is torch.nn.Linear or is_conv1d(m))

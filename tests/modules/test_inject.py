@@ -5,7 +5,11 @@ import torch
 from torch import nn
 
 from nibbletune.errors import NibbletuneError
-from nibbletune.modules import LinearNF4, LoraLinear, LoraSettings, apply_lora, find_linear_names, resolve_targets
+from nibbletune.modules import LinearNF4, LoraLinear, LoraSettings, apply_lora, linear_layers, lora_settings_of, resolve_targets
+
+
+def find_linear_names(model):
+    return list(linear_layers(model))
 
 
 class _Attn(nn.Module):
@@ -24,7 +28,7 @@ class _Model(nn.Module):
         self.lm_head = nn.Linear(16, 10, bias=False)
 
 
-def test_find_linear_names_excludes_lm_head_and_non_linears():
+def test_linear_layers_exclude_lm_head_and_non_linears():
     assert find_linear_names(_Model()) == [
         "layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj",
     ]
@@ -57,8 +61,11 @@ def test_apply_lora_wraps_and_freezes():
         f"layers.{i}.v_proj.{n}" for i in (0, 1) for n in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
     ]
     assert model.layers[0].v_proj.scaling == 2.0
-    # already-wrapped layers are not offered again
-    assert "layers.0.v_proj.base" not in find_linear_names(model)
+    # a wrapped layer is listed once, at its own path, never its children
+    assert "layers.0.v_proj" in find_linear_names(model) and "layers.0.v_proj.base" not in find_linear_names(model)
+    assert lora_settings_of(model).target_modules == ["v_proj"]  # kept for save_adapter
+    with pytest.raises(NibbletuneError, match="already has LoRA"):
+        apply_lora(model, LoraSettings(r=4))
 
 
 def test_gpt2_conv1d_is_wrapped_with_the_same_function():
@@ -83,3 +90,16 @@ def test_adapter_dtype_setting():
     assert model.layers[0].q_proj.lora_A.weight.dtype == torch.bfloat16
     with pytest.raises(NibbletuneError, match="adapter_dtype"):
         apply_lora(_Model(), LoraSettings(adapter_dtype="int8"))
+
+
+def test_apply_lora_takes_a_peft_config_and_refuses_what_it_cannot_honour():
+    peft = pytest.importorskip("peft")
+    model = _Model()
+    apply_lora(model, peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj"], use_rslora=True))
+    layer = model.layers[0].q_proj
+    assert isinstance(layer, LoraLinear) and layer.r == 4 and layer.scaling == 16 / 2 and layer.use_rslora
+    assert lora_settings_of(model).dropout == 0.1
+    with pytest.raises(NibbletuneError, match="rank_pattern"):
+        apply_lora(_Model(), peft.LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 8}))
+    with pytest.raises(NibbletuneError, match="modules_to_save"):
+        apply_lora(_Model(), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))

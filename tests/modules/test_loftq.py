@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from nibbletune.errors import NibbletuneError
-from nibbletune.modules import LinearNF4, LoftQSettings, LoraLinear, loftq_init
+from nibbletune.modules import LinearNF4, LoraLinear, loftq_init
 from nibbletune.quant import quantize
 
 
@@ -55,7 +55,7 @@ def test_lora_linear_loftq_init_from_full_precision_linear():
     x = torch.randn(16, 128)
     exact = linear(x)
     plain = LoraLinear(LinearNF4.from_linear(linear), r=8, alpha=32)
-    loftq = LoraLinear(linear, r=8, alpha=32, init="loftq", loftq=LoftQSettings(num_iters=2))
+    loftq = LoraLinear(linear, r=8, alpha=32, init="loftq", loftq_iters=2)
     assert isinstance(loftq.base, LinearNF4) and loftq.scaling == 4.0
     assert torch.linalg.norm(loftq(x) - exact) < 0.9 * torch.linalg.norm(plain(x) - exact)
     torch.testing.assert_close(loftq.merged_weight(), loftq.base.dequantized_weight(torch.float32)

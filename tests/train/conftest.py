@@ -12,8 +12,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from train_helpers import build_tiny_base, make_rows, write_config, write_jsonl
 
-# Tiny models: one thread is faster than two fighting over small matmuls, and the same in subprocesses.
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +36,9 @@ def make_config(tiny_base, tiny_data, tmp_path):
         return write_config(tmp_path / f"{name}.yaml", tiny_base, tiny_data, output_dir, **train), output_dir
 
     return make
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_for_tiny_models(single_thread):
+    """Tiny models: one thread is faster than two fighting over small matmuls (restored after each module)."""
+    yield

@@ -11,13 +11,13 @@ import torch
 
 from nibbletune.loading import load_model
 from nibbletune.loading.peft_adapter import load_adapter
-from nibbletune.modules import LoftQSettings
-from nibbletune.modules.loftq import LOFTQ_NOTE, LoftQBase, read_loftq_note
+from nibbletune.modules.loftq import LOFTQ_NOTE, read_loftq_note
+from nibbletune.modules.loftq_base import LoftQBase
 from nibbletune.train import ConfigError, TrainHooks, load_config, train
 from nibbletune.train.checkpoint import list_checkpoints
 from nibbletune.train.config import check_against_model
-from nibbletune.train.loop import lora_settings
 from nibbletune.train.metrics import read_metrics
+from nibbletune.quant import QuantSettings
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 2, 90, 18]])
 LORA = ["lora.r=16", "lora.alpha=16", "train.max_steps=2", "train.save_every=1", "train.eval_every=0"]
@@ -56,21 +56,20 @@ def test_loftq_init_is_closer_to_full_precision_and_marks_its_adapter(make_confi
     assert loftq_error < 0.9 * plain_error, (loftq_error, plain_error)
 
     note = read_loftq_note(output_dir)
-    assert note["init"] == "loftq" and note["num_iters"] == 2 and note["quant_type"] == "nf4"
+    assert note["init"] == "loftq" and note["num_iters"] == 2 and note["quant"]["quant_type"] == "nf4"
     assert not note["base_is_plain_quantization"] and "Q(W - scaling * B0 A0)" in note["note"]
     assert (list_checkpoints(output_dir)[-1] / LOFTQ_NOTE).is_file()
     assert json.loads((list_checkpoints(output_dir)[-1] / LOFTQ_NOTE).read_text()) == note
     assert read_loftq_note(make_config("plain")[1]) is None
 
     # The note's recipe rebuilds the base training used: same logits as the trained model.
-    loftq = LoftQBase(lora_settings(config), LoftQSettings(num_iters=note["num_iters"], quant_type=note["quant_type"],
-                                                           blocksize=note["blocksize"],
-                                                           double_quant=note["double_quant"]))
-    rebuilt = load_model(tiny_base, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype="float32",
-                         quantize_weight=loftq)
+    quant = QuantSettings.from_record(note["quant"]).with_changes(compute_dtype="float32")
+    loftq = LoftQBase(config.lora.settings(), quant)
+    assert config.lora.settings().loftq_iters == note["num_iters"]
+    rebuilt = load_model(tiny_base, quant, quantize_weight=loftq)
     load_adapter(rebuilt, output_dir)
     torch.testing.assert_close(logits(rebuilt), logits(trained), atol=1e-5, rtol=1e-5)
-    plain_base = load_model(tiny_base, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype="float32")
+    plain_base = load_model(tiny_base, QuantSettings(quant_type="nf4", double_quant=True, blocksize=64, compute_dtype="float32"))
     load_adapter(plain_base, output_dir)
     mismatch = torch.linalg.norm(logits(plain_base) - logits(trained))
     assert mismatch > 0.1 * loftq_error  # on plain Q(W) a 2-round LoftQ adapter is off: why the note
@@ -80,7 +79,7 @@ def test_one_round_loftq_adapter_runs_on_the_plain_base_and_resumes(make_config,
     path, output_dir = make_config("loftq_resume")
     config, _, trained = train_capturing(path, "loftq", "train.max_steps=3")
     assert read_loftq_note(output_dir)["base_is_plain_quantization"]
-    plain_base = load_model(tiny_base, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype="float32")
+    plain_base = load_model(tiny_base, QuantSettings(quant_type="nf4", double_quant=True, blocksize=64, compute_dtype="float32"))
     load_adapter(plain_base, output_dir)
     torch.testing.assert_close(logits(plain_base), logits(trained), atol=1e-5, rtol=1e-5)
     whole = [r["loss"] for r in read_metrics(output_dir)]

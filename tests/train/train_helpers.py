@@ -30,7 +30,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def build_tiny_base(directory: Path, hidden: int = 64, layers: int = 2, max_positions: int = 128) -> Path:
     """A random Llama (seeded) + BPE tokenizer trained on the task's text, saved as a model dir."""
-    from nibbletune.train.tiny import llama_config, random_llama, save_model_dir, train_tokenizer
+    from nibbletune.recipes.tiny import llama_config, random_llama, save_model_dir, train_tokenizer
 
     corpus = [r["prompt"] + r["completion"] for r in make_rows(400, seed=99)]
     tokenizer = train_tokenizer(corpus, vocab_size=300)

@@ -44,10 +44,8 @@ def _load(args):
         except (OSError, ValueError) as exc:
             raise NibbletuneError(f"{args.model}: cannot load as a transformers model ({str(exc).splitlines()[0]})") from None
     else:
-        quant = _base_quantization(args.adapter)
-        model = load_model(args.model, quant_type=quant["quant_type"], double_quant=quant["double_quant"],
-                           blocksize=quant["blocksize"], skip_modules=quant["skip_modules"] or None,
-                           compute_dtype=args.compute_dtype or quant["compute_dtype"] or "auto")
+        quant = _base_quantization(args.adapter).with_changes(compute_dtype=args.compute_dtype)
+        model = load_model(args.model, quant)
         if args.adapter:
             load_adapter(model, args.adapter, dtype=None)
     model.eval()  # LoRA dropout off: greedy decoding is deterministic
@@ -55,21 +53,22 @@ def _load(args):
     return model, tokenizer
 
 
-def _base_quantization(adapter) -> dict:
-    """The quantization the adapter trained against (nibbletune.json, the run's config.yaml), else defaults."""
-    from ..export.adapter_files import DEFAULT_QUANT, training_quant_settings
+def _base_quantization(adapter):
+    """The QuantSettings the adapter trained against (nibbletune.json, the run's config.yaml), else defaults."""
+    from ..export.training_record import recorded_base_quantization
+    from ..quant import QuantSettings
 
     if not adapter:
-        return dict(DEFAULT_QUANT)
-    settings = training_quant_settings(adapter)
-    if settings["source"] == "defaults":
+        return QuantSettings()
+    record = recorded_base_quantization(adapter)
+    if record.from_defaults:
         print(f"note: {adapter} records no base quantization (no nibbletune.json or training config.yaml); "
               "loading the base as nf4, blocksize 64, double quant", file=sys.stderr)
-    if not settings["quantized"]:
+    if record.settings is None:
         print(f"note: {adapter} was trained on a base without 4-bit linears; generating on the 4-bit base anyway "
               "(use `nibbletune merge` for the exact model)", file=sys.stderr)
-        return dict(DEFAULT_QUANT, compute_dtype=settings["compute_dtype"])
-    return settings
+        return QuantSettings()
+    return record.settings
 
 
 def _has_tokenizer(path) -> bool:

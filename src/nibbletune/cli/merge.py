@@ -35,24 +35,28 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Merge, verify, and say plainly what was written."""
-    from ..export.adapter_files import describe_quant_settings
     from ..export.atomic import human_bytes
     from ..export.merge import merge
+    from ..export.training_record import recorded_base_quantization
+    from ..quant import QuantSettings
 
     if args.base_16bit:
         print("warning: merging onto the original 16-bit weights: the 4-bit quantization error the adapter was "
               "trained to compensate is not in this merge, so outputs differ from the QLoRA model", file=sys.stderr)
-    overrides = {"quant_type": args.quant_type, "blocksize": args.blocksize,
-                 "double_quant": False if args.no_double_quant else None}
+    quant = None
+    if args.quant_type or args.blocksize or args.no_double_quant:
+        recorded = recorded_base_quantization(args.adapter).settings
+        quant = (recorded or QuantSettings()).with_changes(
+            quant_type=args.quant_type, blocksize=args.blocksize, double_quant=False if args.no_double_quant else None)
     report = merge(
         args.base, args.adapter, args.out, dtype=args.dtype, base_16bit=args.base_16bit,
-        quant_settings=overrides, verify=not args.no_verify, tolerance=args.tolerance,
+        quant=quant, verify=not args.no_verify, tolerance=args.tolerance,
         overwrite=args.overwrite, max_shard_bytes=args.max_shard_size << 20,
     )
     onto = "the original 16-bit weights" if report.base_16bit else "the dequantized 4-bit base (as in training)"
     print(f"merged {report.merged_modules} adapter modules onto {onto}")
     if not report.base_16bit:
-        print(describe_quant_settings(report.quant_settings))
+        print(report.base_record.describe())
     if report.verification is not None:
         print(f"verification against the unmerged QLoRA model: {report.verification.summary()}")
     else:

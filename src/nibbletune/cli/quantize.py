@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     parser.add_argument("out", help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     parser.add_argument("--no-double-quant", action="store_true", help="store absmax in float32 (4.5 bits/param)")
-    parser.add_argument("--blocksize", type=int, default=64)
+    parser.add_argument("--blocksize", type=int, default=64, choices=[32, 64, 128, 256, 512, 1024, 2048, 4096])
     parser.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="bnb_4bit_compute_dtype recorded in the config (default: the checkpoint's dtype)")
     parser.add_argument("--skip-modules", nargs="*", default=None, help="linears to keep in full precision")
@@ -27,12 +27,12 @@ def run(args) -> int:
     """Quantize and print a one-paragraph summary."""
     from ..export.atomic import human_bytes
     from ..export.quantize_checkpoint import quantize_checkpoint
+    from ..quant import QuantSettings
 
-    report = quantize_checkpoint(
-        args.src, args.out, quant_type=args.quant_type, double_quant=not args.no_double_quant,
-        blocksize=args.blocksize, compute_dtype=args.compute_dtype, skip_modules=args.skip_modules,
-        overwrite=args.overwrite, max_shard_bytes=args.max_shard_size << 20,
-    )
+    quant = QuantSettings(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant,
+                          compute_dtype=args.compute_dtype or "auto", skip_modules=tuple(args.skip_modules or ()))
+    report = quantize_checkpoint(args.src, args.out, quant, overwrite=args.overwrite,
+                                 max_shard_bytes=args.max_shard_size << 20)
     print(f"quantized {report.quantized} linear weights to {args.quant_type} (blocksize {args.blocksize}, "
           f"double quant {not args.no_double_quant}); {report.copied} other tensors copied unchanged")
     print(f"size: {human_bytes(report.source_bytes)} -> {human_bytes(report.output_bytes)}; written to {report.out}")

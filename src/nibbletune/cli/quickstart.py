@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Run the quickstart with the parsed arguments."""
-    from ..train.quickstart import run_quickstart
+    from ..recipes.quickstart import run_quickstart
 
     given = {"steps": args.steps, "pretrain_steps": args.pretrain_steps,
              "pretrain_seconds": args.pretrain_seconds}

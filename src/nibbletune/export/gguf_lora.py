@@ -17,10 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter_files import check_adapter_fits, read_adapter
+from ..loading import read_adapter
+from ..loading.skeleton import skeleton_from_dir
+from ..modules import linear_layers
+from ..modules.linear_layers import linear_features
+from .adapter_fit import check_adapter_fits
 from .atomic import staged_output
 from .gguf_export import GGUFExportError, _import_gguf, llama_permute, model_arch
-from .quantize_checkpoint import build_skeleton, read_config_json
+from .quantize_checkpoint import read_config_json
 
 LORA_TYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -65,14 +69,14 @@ def export_gguf_lora(adapter_dir: str | os.PathLike, out: str | os.PathLike, bas
     config.pop("quantization_config", None)  # the adapter only needs the base's shapes and names
     arch_name, permute = model_arch(config, base)
     adapter = read_adapter(adapter_dir)
-    if adapter.use_dora:
+    lora = adapter.settings
+    if lora.use_dora:
         raise GGUFExportError(f"{adapter.path}: DoRA adapters cannot be expressed as a llama.cpp LoRA; merge and export instead")
-    skeleton = build_skeleton(base)
-    shapes = {n: (m.out_features, m.in_features) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
-    check_adapter_fits(adapter, shapes, base)
+    skeleton = skeleton_from_dir(base)
+    check_adapter_fits(adapter, {n: linear_features(m) for n, m in linear_layers(skeleton).items()}, base)
     arch = getattr(gguf.MODEL_ARCH, arch_name)
     tensors = _lora_tensors(adapter, config, permute, gguf.get_tensor_name_map(arch, config["num_hidden_layers"]))
-    alpha = adapter.alpha * math.sqrt(adapter.r) if adapter.use_rslora else adapter.alpha
+    alpha = lora.alpha * math.sqrt(lora.r) if lora.use_rslora else lora.alpha
     T = gguf.GGMLQuantizationType
     with staged_output(out, overwrite, is_dir=False) as staging:
         writer = gguf.GGUFWriter(str(staging), gguf.MODEL_ARCH_NAMES[arch])

@@ -24,14 +24,18 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError, NibbletuneError
+from ..loading import read_adapter
 from ..loading.model_location import resolve_model_dir
 from ..loading.safetensors_io import open_checkpoint
-from ..loading.surgery import is_linear, linear_features, select_linears, to_linear_layout
+from ..loading.skeleton import skeleton_from_dir
+from ..loading.surgery import checkpoint_sources
+from ..modules import four_bit_layer_names, linear_layers
+from ..modules.linear_layers import linear_features, to_linear_layout
 from ..modules.loftq import read_loftq_note
 from ..native import return_freed_memory
-from ..quant import from_bnb_state_dict, quantize
+from ..quant import QuantSettings, from_bnb_state_dict, quantize
 from ..quant.bnb_format import bnb_state_keys, is_bnb_quantized
-from .adapter_files import check_adapter_fits, merged_lora_weight, read_adapter
+from .adapter_fit import check_adapter_fits, merged_lora_weight
 from .atomic import (
     DEFAULT_SHARD_BYTES,
     TOKENIZER_FILES,
@@ -42,7 +46,8 @@ from .atomic import (
     staged_output,
     write_json,
 )
-from .quantize_checkpoint import build_skeleton, read_config_json
+from .quantize_checkpoint import read_config_json
+from .training_record import BaseQuantRecord, recorded_base_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class MergeReport:
     output_bytes: int
     base_16bit: bool
     verification: object | None
-    quant_settings: dict
+    base_record: BaseQuantRecord
 
 
 def merge(
@@ -69,7 +74,7 @@ def merge(
     out: str | os.PathLike,
     dtype: str | None = None,
     base_16bit: str | os.PathLike | None = None,
-    quant_settings: dict | None = None,
+    quant: QuantSettings | None = None,
     verify: bool = True,
     tolerance: float | None = None,
     overwrite: bool = False,
@@ -79,8 +84,9 @@ def merge(
     """Merge `adapter` into `base`, write a plain checkpoint to `out`, verify it, return a report.
 
     The base quantization training used is read from the adapter directory
-    (`adapter_files.training_quant_settings`: nibbletune.json, else the run's config.yaml, else
-    defaults); `quant_settings` (quant_type, double_quant, blocksize, skip_modules) overrides it.
+    (`training_record.recorded_base_quantization`: nibbletune.json, else the run's config.yaml,
+    else defaults); `quant` replaces it. Adapters are read by `loading.read_adapter`, so merge
+    refuses exactly what `load_adapter` (generate, resume) refuses.
     Raises FormatError / AdapterMismatchError before anything is written when the inputs do not
     fit, OutputExistsError for an existing `out`, VerificationError (after removing the
     unverified output) when the merged model's logits are off.
@@ -89,10 +95,7 @@ def merge(
     check_output(out, overwrite)
     lora = read_adapter(adapter)
     _refuse_rebuilt_loftq_base(adapter)
-    settings = lora.quant_settings()
-    overrides = {k: v for k, v in (quant_settings or {}).items() if v is not None}
-    if overrides:
-        settings.update(overrides, quantized=True, source="command line")
+    record = BaseQuantRecord(quant, "command line") if quant is not None else recorded_base_quantization(adapter)
     raw_config = read_config_json(base)
     base_is_4bit = bool(raw_config.get("quantization_config"))
     source = Path(base_16bit) if base_16bit else base
@@ -106,14 +109,16 @@ def merge(
         raise NibbletuneError(f"dtype must be one of {sorted(OUTPUT_DTYPES)}, got {out_dtype_name!r}")
     out_dtype = OUTPUT_DTYPES[out_dtype_name]
 
-    skeleton = build_skeleton(source, trust_remote_code)
-    linear_modules = {name: m for name, m in skeleton.named_modules() if is_linear(m)}
+    skeleton = skeleton_from_dir(source, trust_remote_code)
+    linear_modules = linear_layers(skeleton)
     check_adapter_fits(lora, {n: linear_features(m) for n, m in linear_modules.items()}, source)
     # linears training ran in 4 bits from full-precision weights (a 4-bit base is decoded as stored)
-    decoded_as_stored = base_16bit or base_is_4bit or not settings["quantized"]
-    trained_4bit = set() if decoded_as_stored else set(select_linears(skeleton, settings["skip_modules"]))
+    decoded_as_stored = base_16bit or base_is_4bit or record.settings is None
+    trained_4bit = set() if decoded_as_stored else set(four_bit_layer_names(skeleton, record.settings.skip_modules))
     checkpoint = open_checkpoint(source)
-    missing = [m for m in lora.modules if f"{m}.weight" not in checkpoint]
+    sources = checkpoint_sources(skeleton, checkpoint.keys())  # model name -> key (prefix-less keys included)
+    module_of = {key: name.removesuffix(".weight") for name, key in sources.items()}
+    missing = [m for m in lora.modules if f"{m}.weight" not in sources]
     if missing:
         raise FormatError(f"{source}: weight '{missing[0]}.weight' of an adapter target is missing from the checkpoint")
 
@@ -127,8 +132,8 @@ def merge(
             for key in keys:
                 if key in aux:
                     continue  # absmax, quant_map, ... of a 4-bit weight: consumed with the weight
-                module_name = key.removesuffix(".weight")
-                weight = _base_tensor(checkpoint, key, module_name, linear_modules, trained_4bit, settings)
+                module_name = module_of.get(key, key.removesuffix(".weight"))
+                weight = _base_tensor(checkpoint, key, module_name, linear_modules, trained_4bit, record.settings)
                 if module_name in lora.modules and key.endswith(".weight"):
                     module = linear_modules[module_name]  # Conv1D: (in, out) on disk, transposed both ways
                     merged = merged_lora_weight(to_linear_layout(module, weight), lora.modules[module_name], lora.scaling)
@@ -151,11 +156,11 @@ def merge(
             from .verify import check_merged
 
             verification = check_merged(
-                base, adapter, staging, settings, out_dtype_name, base_16bit=bool(base_16bit),
+                base, adapter, staging, record.settings, out_dtype_name, base_16bit=bool(base_16bit),
                 tolerance=tolerance, trust_remote_code=trust_remote_code,
             )
         output_bytes = writer.total_bytes
-    return MergeReport(out, out_dtype_name, merged_count, output_bytes, bool(base_16bit), verification, settings)
+    return MergeReport(out, out_dtype_name, merged_count, output_bytes, bool(base_16bit), verification, record)
 
 
 def _refuse_rebuilt_loftq_base(adapter) -> None:
@@ -173,7 +178,7 @@ def _default_dtype(raw_config: dict) -> str:
 
 
 def _base_tensor(checkpoint, key: str, module_name: str, linear_modules: dict, trained_4bit: set,
-                 settings: dict) -> torch.Tensor:
+                 settings: QuantSettings | None) -> torch.Tensor:
     """The tensor `key` as the training run saw it (float32 for linear weights).
 
     A stored 4-bit weight is decoded; a linear weight that training quantized is passed through
@@ -195,7 +200,7 @@ def _base_tensor(checkpoint, key: str, module_name: str, linear_modules: dict, t
         as_linear = to_linear_layout(module, value)
         if as_linear.dtype not in _FLOAT_DTYPES:
             as_linear = as_linear.float()
-        decoded = quantize(as_linear, settings["quant_type"], settings["blocksize"], settings["double_quant"])
+        decoded = quantize(as_linear, settings.quant_type, settings.blocksize, settings.double_quant)
         restored = decoded.dequantize(torch.float32)
         return to_linear_layout(module, restored)
     if module_name in linear_modules and key.endswith(".weight"):

@@ -1,8 +1,11 @@
 """quantize_checkpoint: a 16/32-bit safetensors checkpoint -> the bitsandbytes 4-bit serialization.
 
 Which tensors are linear weights is decided from the model itself, not from names: the model
-is built from config.json with every parameter on the meta device (no memory), and the
-`nn.Linear` modules other than the output head (and `skip_modules`) are the ones quantized.
+is built from config.json with every parameter on the meta device (no memory), and the linear
+layers the 4-bit rule selects (`modules.linear_layers`: nn.Linear and GPT-2 Conv1D, never the
+output head or embeddings, minus `skip_modules`) are the ones quantized, exactly the set
+transformers+bitsandbytes converts to Linear4bit when it loads the result. A Conv1D weight is
+stored [in, out]; it is quantized as the [out, in] linear weight, as bitsandbytes does.
 Embeddings, norms, biases and lm_head are copied unchanged, as transformers+bitsandbytes do.
 
 The source is read one tensor at a time through memory-mapped `safe_open`, each shard's
@@ -13,22 +16,23 @@ written into a staging directory next to OUT and renamed at the end.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..errors import FormatError, NibbletuneError, QuantizationError
-from ..loading.load import load_config
+from ..errors import FormatError, QuantizationError
+from ..loading.json_files import read_json_file
 from ..loading.model_location import resolve_model_dir
 from ..loading.safetensors_io import open_checkpoint
-from ..loading.surgery import empty_parameters, matches
+from ..loading.skeleton import skeleton_from_dir
+from ..loading.surgery import checkpoint_sources
+from ..modules import four_bit_layer_names
+from ..modules.linear_layers import default_excluded_patterns, to_linear_layout
 from ..native import return_freed_memory
-from ..quant import quantize, to_bnb_state_dict
+from ..quant import QuantSettings, quantize, to_bnb_state_dict
 from .atomic import (
     DEFAULT_SHARD_BYTES,
     ShardWriter,
@@ -41,7 +45,6 @@ from .atomic import (
 logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -57,62 +60,7 @@ class QuantizeReport:
 
 def read_config_json(root: Path) -> dict:
     """The raw config.json of a model directory as a dict (FormatError if missing or invalid)."""
-    path = Path(root) / "config.json"
-    if not path.is_file():
-        raise FormatError(f"{root}: no config.json (a transformers model directory is expected)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: invalid JSON ({exc})") from None
-
-
-def build_skeleton(root: Path, trust_remote_code: bool = False) -> nn.Module:
-    """The causal LM described by `root/config.json`, parameters on the meta device."""
-    from transformers import AutoModelForCausalLM
-
-    config = load_config(Path(root), trust_remote_code)
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
-    try:
-        with empty_parameters():
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FormatError(f"{root}/config.json: cannot build a causal LM ({first})") from None
-
-
-def linear_weight_names(model: nn.Module, skip_modules: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """`<module>.weight` of every nn.Linear except the output head, input embeddings and skip_modules."""
-    head = model.get_output_embeddings()
-    embeddings = model.get_input_embeddings()
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if module is head or module is embeddings or matches(name, skip_modules):
-            continue
-        names.append(f"{name}.weight")
-    return names
-
-
-def bnb_quantization_config(quant_type: str, double_quant: bool, compute_dtype: str,
-                            skip_modules: list[str] | None = None) -> dict:
-    """`quantization_config` exactly as transformers' BitsAndBytesConfig saves it (5.x)."""
-    return {
-        "_load_in_4bit": True,
-        "_load_in_8bit": False,
-        "bnb_4bit_compute_dtype": compute_dtype,
-        "bnb_4bit_quant_storage": "uint8",
-        "bnb_4bit_quant_type": quant_type,
-        "bnb_4bit_use_double_quant": double_quant,
-        "llm_int8_enable_fp32_cpu_offload": False,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_skip_modules": list(skip_modules) if skip_modules else None,
-        "llm_int8_threshold": 6.0,
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "quant_method": "bitsandbytes",
-    }
+    return read_json_file(Path(root), "config.json", "a transformers model directory")
 
 
 def _default_compute_dtype(raw_config: dict) -> str:
@@ -123,42 +71,40 @@ def _default_compute_dtype(raw_config: dict) -> str:
 def quantize_checkpoint(
     src: str | os.PathLike,
     out: str | os.PathLike,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    blocksize: int = 64,
-    compute_dtype: str | None = None,
-    skip_modules: list[str] | None = None,
+    quant: QuantSettings | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     trust_remote_code: bool = False,
 ) -> QuantizeReport:
     """Write `src` (safetensors, single or sharded) to `out` in the bitsandbytes 4-bit layout.
 
-    transformers+bitsandbytes `from_pretrained(out)` then holds the same 4-bit codes as
+    `quant` (default QuantSettings()) gives the format and `skip_modules`; its compute dtype is
+    written as `bnb_4bit_compute_dtype` ("auto": the checkpoint's float16/bfloat16 dtype, else
+    float32). transformers+bitsandbytes `from_pretrained(out)` then holds the same 4-bit codes as
     `from_pretrained(src, quantization_config=BitsAndBytesConfig(...same options...))`.
     Raises FormatError (missing/corrupt files, already quantized, missing weights),
-    QuantizationError (NaN/inf, bad blocksize), OutputExistsError.
+    QuantizationError (NaN/inf), OutputExistsError.
     """
     src = resolve_model_dir(src)
-    if quant_type not in ("nf4", "fp4"):
-        raise QuantizationError(f"quant type must be nf4 or fp4, got {quant_type!r}")
-    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-        raise NibbletuneError(f"compute dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    quant = quant or QuantSettings()
     raw_config = read_config_json(src)
     if raw_config.get("quantization_config"):
         method = raw_config["quantization_config"].get("quant_method")
         raise FormatError(f"{src}/config.json: the checkpoint is already quantized ({method}); nothing to do")
-    model = build_skeleton(src, trust_remote_code)
-    linear_names = set(linear_weight_names(model, skip_modules or ()))
+    if quant.compute_dtype == "auto":
+        quant = quant.with_changes(compute_dtype=_default_compute_dtype(raw_config))
+    model = skeleton_from_dir(src, trust_remote_code)
     checkpoint = open_checkpoint(src)  # every header checked before anything is written
-    missing = sorted(n for n in linear_names if n not in checkpoint)
+    sources = checkpoint_sources(model, checkpoint.keys())
+    wanted = {f"{name}.weight": model.get_submodule(name) for name in four_bit_layer_names(model, quant.skip_modules)}
+    missing = sorted(n for n in wanted if n not in sources)
     if missing:
         raise FormatError(f"{src}: linear weight '{missing[0]}' is missing from the checkpoint ({len(missing)} missing)")
-    for name in linear_names:
+    layers = {sources[name]: module for name, module in wanted.items()}  # checkpoint key -> linear module
+    for name in layers:
         info = checkpoint.infos[name]
         if len(info.shape) != 2 or not info.dtype.is_floating_point:
             raise FormatError(f"{info.file}: '{name}' should be a 2-D float weight, got {info.dtype} {list(info.shape)}")
-    compute_dtype = compute_dtype or _default_compute_dtype(raw_config)
 
     quantized = copied = source_bytes = 0
     with staged_output(out, overwrite) as staging, checkpoint:
@@ -167,11 +113,12 @@ def quantize_checkpoint(
             for key in [k for k, info in checkpoint.infos.items() if info.file == file]:
                 value = checkpoint.get(key)
                 source_bytes += value.numel() * value.element_size()
-                if key in linear_names:
+                if key in layers:
+                    value = to_linear_layout(layers[key], value)  # Conv1D: [in, out] -> [out, in]
                     if value.dtype not in FLOAT_DTYPES:
                         value = value.float()
                     try:
-                        qt = quantize(value, quant_type, blocksize, double_quant)
+                        qt = quantize(value, quant.quant_type, quant.blocksize, quant.double_quant)
                     except QuantizationError as exc:
                         raise QuantizationError(f"{file}: tensor '{key}': {exc}") from None
                     for entry, tensor in to_bnb_state_dict(qt, key).items():
@@ -185,7 +132,10 @@ def quantize_checkpoint(
                 del value
             checkpoint.close()  # release this file's memory map before the next one
         writer.close()
-        raw_config["quantization_config"] = bnb_quantization_config(quant_type, double_quant, compute_dtype, skip_modules)
+        recorded = quant
+        if quant.skip_modules:  # a given skip list replaces transformers' defaults (head, tied weights): keep them
+            recorded = quant.with_changes(skip_modules=tuple(default_excluded_patterns(model)) + quant.skip_modules)
+        raw_config["quantization_config"] = recorded.bnb_quantization_config()
         write_json(staging / "config.json", raw_config)
         copy_tokenizer_files(src, staging)
         copy_if_present(src, staging, ("generation_config.json",))

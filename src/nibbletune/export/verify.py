@@ -31,6 +31,7 @@ import torch
 
 from ..errors import NibbletuneError
 from ..native import return_freed_memory
+from ..quant import QuantSettings
 
 # dtype -> (max |diff| / std(reference logits), minimum top-1 agreement)
 TOLERANCES = {"float32": (1e-3, 0.99), "float16": (0.05, 0.9), "bfloat16": (0.15, 0.8)}
@@ -110,13 +111,16 @@ def check_merged(
     base: Path,
     adapter: Path,
     merged_dir: Path,
-    settings: dict,
+    settings: QuantSettings | None,
     dtype_name: str,
     base_16bit: bool = False,
     tolerance: float | None = None,
     trust_remote_code: bool = False,
 ) -> Verification:
-    """Run the unmerged QLoRA model and the merged one on held-out inputs; raise VerificationError beyond tolerance."""
+    """Run the unmerged QLoRA model and the merged one on held-out inputs; raise VerificationError beyond tolerance.
+
+    `settings`: the base quantization training used (None: training ran on a base without 4-bit linears).
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -124,12 +128,9 @@ def check_merged(
 
     hf_logging.disable_progress_bar()
 
-    if settings.get("quantized", True):
-        reference_model = load_model(
-            base, quant_type=settings["quant_type"], double_quant=settings["double_quant"],
-            blocksize=settings["blocksize"], compute_dtype=torch.float32,
-            skip_modules=settings["skip_modules"] or None, trust_remote_code=trust_remote_code,
-        )
+    if settings is not None:
+        reference_model = load_model(base, settings.with_changes(compute_dtype="float32"),
+                                     trust_remote_code=trust_remote_code)
     else:  # the adapter trained on a base with no 4-bit linears
         reference_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
                                                                trust_remote_code=trust_remote_code)

@@ -1,110 +1,17 @@
-"""Model surgery on a weightless skeleton: which linears become 4-bit, and putting tensors in place.
+"""Putting checkpoint tensors into a weightless skeleton: which key fills which tensor, and placing it.
 
-The skeleton is built inside `empty_parameters()`: every parameter is created on the meta
-device (no memory), while buffers are created for real on the CPU. That keeps the
-non-persistent buffers a meta skeleton would lose (rotary `inv_freq`, BERT `position_ids`,
-causal masks) exactly as each model's `__init__` computes them, without a per-architecture
-re-initialisation. Linears are then replaced one at a time by `LinearNF4` as their weights
-arrive from the checkpoint.
-
-GPT-2 style `Conv1D` layers store their weight as (in_features, out_features) and compute
-x @ W + b; they are treated as linears whose weight is the transpose.
+The skeleton (`skeleton.py`) holds its parameters and persistent buffers on the meta device;
+`checkpoint_sources` maps each of them to the checkpoint key that holds it, `set_tensor` puts a
+loaded value in place, and `meta_tensor_names` lists what is still missing afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-try:  # transformers' GPT-2 style layer; absent in very old or stripped installs
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()
-
-LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
-_SKELETON_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def empty_parameters() -> Iterator[None]:
-    """Within the block, parameters registered on any module are moved to the meta device.
-
-    Buffers are untouched, so they hold the values their module's `__init__` computed. This
-    is the technique of accelerate's `init_empty_weights(include_buffers=False)`; the override
-    of `nn.Module.register_parameter` is restored on exit and serialised by a lock.
-    """
-    original = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            kwargs = {"requires_grad": param.requires_grad}
-            module._parameters[name] = type(param)(param.to("meta"), **kwargs)
-
-    with _SKELETON_LOCK:
-        nn.Module.register_parameter = register_on_meta
-        try:
-            yield
-        finally:
-            nn.Module.register_parameter = original
-
-
-def is_linear(module: nn.Module) -> bool:
-    """True for nn.Linear and transformers' Conv1D."""
-    return isinstance(module, LINEAR_TYPES)
-
-
-def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of an nn.Linear or Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    in_features, out_features = module.weight.shape
-    return out_features, in_features
-
-
-def to_linear_layout(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """The weight as (out_features, in_features): Conv1D weights are transposed."""
-    if isinstance(module, nn.Linear):
-        return weight
-    return weight.t().contiguous()
-
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    """True when a pattern names `name` as a run of whole dotted components.
-
-    "lm_head" matches "lm_head"; "down_proj" matches "model.layers.3.mlp.down_proj";
-    "layers.0" matches every module under "model.layers.0". "proj" matches nothing.
-    """
-    dotted = f".{name}."
-    return any(f".{pattern.strip('.')}." in dotted for pattern in patterns)
-
-
-def select_linears(model: nn.Module, skip_modules: Iterable[str] = ()) -> list[str]:
-    """Names of the linears to quantize: every nn.Linear/Conv1D except the output head and skip_modules."""
-    skip = list(skip_modules)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    selected = []
-    for name, module in model.named_modules():
-        if not is_linear(module) or module is head or matches(name, skip):
-            continue
-        selected.append(name)
-    return selected
-
-
-def count_linears(model: nn.Module) -> int:
-    """Number of nn.Linear/Conv1D modules left (not quantized) in `model`."""
-    return sum(1 for module in model.modules() if is_linear(module))
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path `name` by `new`."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -138,3 +45,35 @@ def meta_tensor_names(model: nn.Module) -> list[str]:
     found = [n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
     found += [n for n, b in model.named_buffers(remove_duplicate=False) if b.device.type == "meta"]
     return found
+
+
+_LEGACY_SUFFIXES = {".gamma": ".weight", ".beta": ".bias"}  # pre-2019 LayerNorm names
+
+
+def _candidates(key: str, prefix: str) -> list[str]:
+    """Model names a checkpoint key may stand for: as is, without/with the base-model prefix, legacy names."""
+    names = [key]
+    if prefix:
+        names.append(key[len(prefix) + 1:] if key.startswith(prefix + ".") else f"{prefix}.{key}")
+    for old, new in _LEGACY_SUFFIXES.items():
+        if key.endswith(old):
+            names += [n[: -len(old)] + new for n in list(names)]
+    return names
+
+
+def checkpoint_sources(model: nn.Module, keys: Iterable[str], expected: Iterable[str] | None = None) -> dict[str, str]:
+    """Model tensor name -> the checkpoint key holding it.
+
+    A key may carry or lack the model's `base_model_prefix` ("transformer.h.0..." and "h.0..." of
+    GPT-2 both fill `transformer.h.0...`) and may use pre-2019 LayerNorm names (gamma/beta).
+    `expected`: the model names to look for (default: every persistent tensor of `model`).
+    """
+    wanted = set(persistent_tensor_names(model) if expected is None else expected)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    sources: dict[str, str] = {}
+    for key in keys:
+        for name in _candidates(key, prefix):
+            if name in wanted and name not in sources:
+                sources[name] = key
+                break
+    return sources

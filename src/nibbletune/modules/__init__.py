@@ -1,19 +1,22 @@
-"""Layers: the frozen 4-bit linear, the LoRA/DoRA wrapper, LoftQ init and adapter injection."""
+"""Layers: the frozen 4-bit linear, the LoRA/DoRA wrapper, LoftQ init, the linear-layer rule, adapter injection."""
 
-from .inject import LoraSettings, apply_lora, find_linear_names, lora_layers, resolve_targets
+from .inject import apply_lora, lora_layers, lora_settings_of, resolve_targets
+from .linear_layers import four_bit_layer_names, linear_layers
 from .linear_nf4 import LinearNF4
 from .loftq import loftq_init
-from .lora import LoftQSettings, LoraLinear, lora_scaling
+from .lora import LoraLinear
+from .lora_settings import LoraSettings, lora_scaling
 
 __all__ = [
     "LinearNF4",
     "LoraLinear",
     "LoraSettings",
-    "LoftQSettings",
     "apply_lora",
-    "find_linear_names",
-    "resolve_targets",
+    "four_bit_layer_names",
+    "linear_layers",
     "lora_layers",
+    "lora_settings_of",
     "lora_scaling",
     "loftq_init",
+    "resolve_targets",
 ]

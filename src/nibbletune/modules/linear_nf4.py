@@ -21,9 +21,8 @@ checkpointing and offloading.
 
 torch.compile
 -------------
-The dequantization is the custom op `nibbletune::dequantize_4bit` with a fake (meta)
-implementation, so Dynamo sees one opaque op with a known output shape and dtype instead of
-tracing into (or breaking on) the kernel dispatch in `nibbletune.quant.dequantize`.
+`QuantizedTensor.dequantize` is the custom op `nibbletune::dequantize_4bit` while Dynamo traces
+(see `quant/tensor.py`), so a compiled model sees one opaque op per weight.
 """
 
 from __future__ import annotations
@@ -33,69 +32,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FormatError
-from ..quant import QuantizedTensor, from_bnb_state_dict, quantize, to_bnb_state_dict
+from ..quant import QuantizedTensor, QuantSettings, from_bnb_state_dict, quantize, to_bnb_state_dict
 from ..quant.bnb_format import bnb_state_keys, is_bnb_quantized
+from ..quant.tensor import QuantLayout
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _dequantize_packed(packed, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, dtype):
-    qt = QuantizedTensor(
-        packed, absmax, torch.Size(shape), dtype, blocksize, quant_type,
-        nested_absmax, nested_offset if nested_absmax is not None else None,
-    )
-    return qt.dequantize(dtype)
-
-
-@torch.library.custom_op("nibbletune::dequantize_4bit", mutates_args=())
-def dequantize_4bit_op(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: torch.Tensor | None,
-    nested_offset: float,
-    shape: list[int],
-    blocksize: int,
-    quant_type: str,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Dequantize 4-bit codes to a new tensor of `shape` and `dtype` (opaque to torch.compile)."""
-    return _dequantize_packed(packed, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, dtype)
-
-
-@dequantize_4bit_op.register_fake
-def _dequantize_4bit_fake(packed, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, dtype):
-    return packed.new_empty(shape, dtype=dtype)
-
-
-def _dequantize_saved(packed, absmax, nested_absmax, meta: tuple) -> torch.Tensor:
-    nested_offset, shape, blocksize, quant_type, dtype = meta
-    if torch.compiler.is_compiling():
-        return dequantize_4bit_op(packed, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, dtype)
-    # Eager: the op's body without its dispatch, which costs about 70 us a call on a CPU.
-    return _dequantize_packed(packed, absmax, nested_absmax, nested_offset, shape, blocksize, quant_type, dtype)
-
-
 class _NF4LinearFunction(torch.autograd.Function):
-    """y = x @ dequant(W)^T + b with W frozen; see the module docstring for the gradients."""
+    """y = x @ dequant(W)^T + b with W frozen; see the module docstring for the gradients.
+
+    `apply(x, weight, bias, compute_dtype)`: `weight` is the QuantizedTensor; its storage is saved
+    for backward and the dequantized copy is not.
+    """
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, nested_absmax, bias, meta):
-        weight = _dequantize_saved(packed, absmax, nested_absmax, meta)  # [out, in], compute dtype
-        ctx.save_for_backward(packed, absmax, nested_absmax)
-        ctx.meta = meta
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
+    def forward(ctx, x, weight: QuantizedTensor, bias, compute_dtype):
+        ctx.save_for_backward(*weight.storage)
+        ctx.layout, ctx.compute_dtype, ctx.has_bias = weight.layout, compute_dtype, bias is not None
+        return F.linear(x, weight.dequantize(compute_dtype), bias)  # dequantized: [out, in]
 
     @staticmethod
     def backward(ctx, grad_out):
-        packed, absmax, nested_absmax = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = _dequantize_saved(packed, absmax, nested_absmax, ctx.meta)
-            grad_x = grad_out @ weight  # [..., out] @ [out, in] -> [..., in]
-        if ctx.has_bias and ctx.needs_input_grad[4]:
+            weight = QuantizedTensor.from_storage(ctx.layout, ctx.saved_tensors)
+            grad_x = grad_out @ weight.dequantize(ctx.compute_dtype)  # [..., out] @ [out, in] -> [..., in]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, None, None, grad_bias, None
+        return grad_x, None, grad_bias, None
+
+
+def linear_4bit(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+    """x @ dequant(weight)^T + bias in `compute_dtype`, differentiable in x and bias (the weight is frozen)."""
+    return _NF4LinearFunction.apply(x, weight, bias, compute_dtype)
 
 
 class LinearNF4(nn.Module):
@@ -126,18 +97,24 @@ class LinearNF4(nn.Module):
         self.register_buffer("packed_codes", qt.packed, persistent=False)
         self.register_buffer("absmax", qt.absmax, persistent=False)
         self.register_buffer("nested_absmax", qt.nested_absmax, persistent=False)
-        self.nested_offset = qt.nested_offset
-        self.weight_dtype = qt.dtype
-        self.blocksize = qt.blocksize
-        self.quant_type = qt.quant_type
+        self._layout: QuantLayout = qt.layout
 
     @property
     def quantized_weight(self) -> QuantizedTensor:
         """The frozen weight as a QuantizedTensor sharing this layer's buffers."""
-        return QuantizedTensor(
-            self.packed_codes, self.absmax, torch.Size((self.out_features, self.in_features)),
-            self.weight_dtype, self.blocksize, self.quant_type, self.nested_absmax, self.nested_offset,
-        )
+        storage = (self.packed_codes, self.absmax) if self.nested_absmax is None else \
+            (self.packed_codes, self.absmax, self.nested_absmax)
+        return QuantizedTensor.from_storage(self._layout, storage)
+
+    @property
+    def quant_type(self) -> str:
+        """The 4-bit code book: "nf4" or "fp4"."""
+        return self._layout.quant_type
+
+    @property
+    def blocksize(self) -> int:
+        """Weights per absmax block."""
+        return self._layout.blocksize
 
     @property
     def weight(self) -> QuantizedTensor:
@@ -145,34 +122,31 @@ class LinearNF4(nn.Module):
         return self.quantized_weight
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        quant_type: str = "nf4",
-        blocksize: int = 64,
-        double_quant: bool = True,
-        compute_dtype: torch.dtype | None = None,
-    ) -> LinearNF4:
-        """Quantize an nn.Linear's weight; compute_dtype defaults to the linear's weight dtype."""
+    def from_linear(cls, linear: nn.Linear, settings: QuantSettings | None = None,
+                    compute_dtype: torch.dtype | None = None) -> LinearNF4:
+        """Quantize an nn.Linear's weight with `settings` (default QuantSettings()).
+
+        compute_dtype: the torch dtype to compute in; by default the settings' compute dtype, and
+        for "auto" the linear's own weight dtype.
+        """
+        settings = settings or QuantSettings()
         weight = linear.weight.detach()
-        qt = quantize(weight, quant_type, blocksize, double_quant)
+        qt = quantize(weight, settings.quant_type, settings.blocksize, settings.double_quant)
         if compute_dtype is None:
-            compute_dtype = weight.dtype if weight.dtype in COMPUTE_DTYPES else torch.float32
+            if settings.compute_dtype != "auto":
+                compute_dtype = settings.torch_compute_dtype()
+            else:
+                compute_dtype = weight.dtype if weight.dtype in COMPUTE_DTYPES else torch.float32
         return cls(qt, linear.bias, compute_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight decoded to `dtype` (default: compute dtype), shape [out, in], no autograd."""
-        return _dequantize_saved(self.packed_codes, self.absmax, self.nested_absmax, self._meta(dtype))
-
-    def _meta(self, dtype: torch.dtype | None = None) -> tuple:
-        offset = float(self.nested_offset) if self.nested_offset is not None else 0.0
-        shape = [self.out_features, self.in_features]
-        return (offset, shape, self.blocksize, self.quant_type, dtype or self.compute_dtype)
+        return self.quantized_weight.dequantize(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _NF4LinearFunction.apply(x, self.packed_codes, self.absmax, self.nested_absmax, bias, self._meta())
+        return linear_4bit(x, self.quantized_weight, bias, self.compute_dtype)
 
     def _apply(self, fn, recurse=True):
         """Let `.to()`, `.cuda()`, `.half()` ... move the 4-bit buffers but never cast them.

@@ -15,11 +15,10 @@ lora_alpha / r), this runs wherever `quantize` runs and honours the scale: the S
 U sqrt(S) and sqrt(S) V^T are divided by sqrt(scaling) so that scaling * B A is the fitted
 residual, whatever alpha and r are.
 
-`LoftQBase` applies it while a model is loaded (`load_model(..., quantize_weight=...)`), the
-only moment the full-precision weights exist: each targeted linear stores Q of the residual
-and keeps its factors, which `LoftQBase.apply` copies into the LoRA layers once they exist.
-With one round (PEFT's default) that base is plain Q(W); with more it is Q(W - scaling B A),
-and the adapter belongs to that base only: `LOFTQ_NOTE` (loftq.json) says which, in its directory.
+`loftq_base.LoftQBase` applies it while a model is loaded (`load_model(..., quantize_weight=...)`),
+the only moment the full-precision weights exist. With one round (PEFT's default) that base is
+plain Q(W); with more it is Q(W - scaling B A), and the adapter belongs to that base only:
+`LOFTQ_NOTE` (loftq.json) says which, in its directory.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NibbletuneError
-from ..quant import QuantizedTensor, quantize
+from ..quant import QuantizedTensor, QuantSettings, quantize
 
 
 def low_rank_factors(residual: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,15 +45,15 @@ def loftq_init(
     weight: torch.Tensor,
     r: int,
     scaling: float,
+    quant: QuantSettings | None = None,
     num_iters: int = 1,
-    quant_type: str = "nf4",
-    blocksize: int = 64,
-    double_quant: bool = True,
 ) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
     """Return (quantized base, lora_A [r, in], lora_B [out, r]) for a [out, in] weight.
 
-    The factors are float32; the quantized tensor keeps the weight's dtype as its nominal dtype.
+    The base is quantized with `quant` (default QuantSettings()). The factors are float32; the
+    quantized tensor keeps the weight's dtype as its nominal dtype.
     """
+    quant = quant or QuantSettings()
     if weight.dim() != 2:
         raise NibbletuneError(f"LoftQ needs a 2-D weight, got shape {tuple(weight.shape)}")
     if num_iters < 1:
@@ -64,7 +63,7 @@ def loftq_init(
     full = weight.detach().float()
     target = full
     for _ in range(num_iters):
-        qt = quantize(target.to(weight.dtype), quant_type, blocksize, double_quant)
+        qt = quantize(target.to(weight.dtype), quant.quant_type, quant.blocksize, quant.double_quant)
         dequantized = qt.dequantize(torch.float32)
         lora_A, lora_B = low_rank_factors(full - dequantized, r, scaling)
         target = full - scaling * (lora_B @ lora_A)
@@ -77,68 +76,18 @@ _ONE_ROUND_NOTE = (
     "(B0 A0 fitted W - Q(W)), so it works on any base quantized that way, PEFT + bitsandbytes included.")
 _ROUNDS_NOTE = (
     "LoftQ adapter, several rounds: it was trained on the base Q(W - scaling * B0 A0), not on Q(W). Rebuild that "
-    "base with nibbletune.loading.load_model(..., quantize_weight=nibbletune.modules.loftq.LoftQBase(settings, "
-    "LoftQSettings(num_iters, quant_type, blocksize, double_quant as here))) from the same full-precision "
-    "checkpoint; on a plain 4-bit base (PEFT + bitsandbytes, or a merge from Q(W)) it gives other outputs.")
+    "base with nibbletune.load_model(path, quant, quantize_weight=nibbletune.modules.loftq_base.LoftQBase(lora, "
+    "quant)) from the same full-precision checkpoint, with these quant settings and a LoraSettings of "
+    "loftq_iters rounds; on a plain 4-bit base (PEFT + bitsandbytes, or a merge from Q(W)) it gives other outputs.")
 
 
-class LoftQBase:
-    """LoftQ for the linears `settings.target_modules` selects, computed while `load_model` streams them.
-
-    Use as `load_model(path, ..., quantize_weight=loftq)` (quant settings equal to `loftq_settings`),
-    then `apply_lora(model, settings with init="default")` and `loftq.apply(model)`. Deterministic
-    for a given checkpoint, so loading again with a new `LoftQBase` rebuilds the same base (which
-    is how a LoftQ adapter is used after training: merge, generate, resume).
-    """
-
-    def __init__(self, settings, loftq_settings):
-        from .lora import lora_scaling
-
-        self.settings, self.loftq_settings = settings, loftq_settings
-        self.scaling = lora_scaling(settings.r, settings.alpha, settings.use_rslora)
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._targets: set[str] | None = None
-
-    def __call__(self, model: torch.nn.Module, name: str, weight: torch.Tensor) -> QuantizedTensor | None:
-        """The LoftQ-quantized residual for a targeted linear's [out, in] weight; None for the others."""
-        if self._targets is None:
-            from .inject import resolve_targets
-
-            self._targets = set(resolve_targets(model, self.settings.target_modules))
-        if name not in self._targets:
-            return None
-        loftq = self.loftq_settings
-        qt, lora_A, lora_B = loftq_init(weight, self.settings.r, self.scaling, loftq.num_iters, loftq.quant_type,
-                                        loftq.blocksize, loftq.double_quant)
-        self.factors[name] = (lora_A, lora_B)
-        return qt
-
-    def apply(self, model: torch.nn.Module) -> list[str]:
-        """Copy the factors into the LoRA layers (and refit DoRA magnitudes); returns the module paths."""
-        from .inject import lora_layers
-
-        layers = lora_layers(model)
-        missing = sorted(set(self.factors) - set(layers)) or sorted(set(layers) - set(self.factors))
-        if missing:
-            raise NibbletuneError(f"LoftQ: module '{missing[0]}' has LoftQ factors or a LoRA layer, not both")
-        with torch.no_grad():
-            for name, (lora_A, lora_B) in self.factors.items():
-                layer = layers[name]
-                layer.lora_A.weight.copy_(lora_A)
-                layer.lora_B.weight.copy_(lora_B)
-                if layer.lora_magnitude_vector is not None:  # DoRA: magnitude of the new base + B A
-                    layer.lora_magnitude_vector.copy_(layer._weight_norm(torch.float32))
-        return sorted(self.factors)
-
-    def note(self) -> dict:
-        """The `loftq.json` written beside an adapter trained from this base."""
-        loftq = self.loftq_settings
-        return {
-            "format": 1, "init": "loftq", "num_iters": loftq.num_iters, "quant_type": loftq.quant_type,
-            "blocksize": loftq.blocksize, "double_quant": loftq.double_quant,
-            "base_is_plain_quantization": loftq.num_iters == 1,
-            "note": _ONE_ROUND_NOTE if loftq.num_iters == 1 else _ROUNDS_NOTE,
-        }
+def loftq_note(quant: QuantSettings, num_iters: int) -> dict:
+    """The `loftq.json` written beside an adapter trained from a LoftQ base."""
+    return {
+        "format": 2, "init": "loftq", "num_iters": num_iters, "quant": quant.to_record(),
+        "base_is_plain_quantization": num_iters == 1,
+        "note": _ONE_ROUND_NOTE if num_iters == 1 else _ROUNDS_NOTE,
+    }
 
 
 def read_loftq_note(adapter_dir) -> dict | None:

@@ -26,39 +26,18 @@ with dropout active it is recomputed on dropout(x), again exactly like PEFT.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NibbletuneError
+from ..quant import QuantSettings
 from .dropout import apply_dropout, draw_seed
-from .linear_nf4 import LinearNF4, _NF4LinearFunction
-from .lora_function import LoraLinearFunction
-
-INITS = ("default", "gaussian", "loftq")
-
-
-@dataclass
-class LoftQSettings:
-    """How LoftQ quantizes the base weight it initialises against."""
-
-    num_iters: int = 1
-    """Alternating quantize / SVD rounds (PEFT's loftq_iter)."""
-    quant_type: str = "nf4"
-    """4-bit codebook for the new base weight: nf4 or fp4."""
-    blocksize: int = 64
-    """Elements per absmax block."""
-    double_quant: bool = True
-    """Store absmax as 8-bit codes."""
-    compute_dtype: torch.dtype | None = None
-    """LinearNF4 compute dtype; None keeps the linear's weight dtype."""
-
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
-    """alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+from .linear_nf4 import LinearNF4, linear_4bit
+from .loftq import loftq_init
+from .lora_function import LoraLinearFunction, LoraSpec
+from .lora_settings import INITS, lora_scaling
 
 
 def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -72,7 +51,8 @@ class LoraLinear(nn.Module):
 
     init: "default" (PEFT: A kaiming-uniform with a=sqrt(5), B zeros), "gaussian" (A normal with
     std 1/r, B zeros) or "loftq" (needs an nn.Linear base holding the full-precision weight,
-    which is replaced by a LinearNF4 of W - scaling * B A; see `loftq.py`).
+    which is replaced by a LinearNF4 quantized with `quant` (default QuantSettings(), computing
+    in the linear's dtype when its compute dtype is auto), `loftq_iters` rounds; see `loftq.py`).
     dtype: dtype of the adapter parameters (float32 by default).
     """
 
@@ -86,7 +66,8 @@ class LoraLinear(nn.Module):
         use_dora: bool = False,
         init: str = "default",
         dtype: torch.dtype = torch.float32,
-        loftq: LoftQSettings | None = None,
+        quant: QuantSettings | None = None,
+        loftq_iters: int = 1,
     ):
         super().__init__()
         if not isinstance(base, (LinearNF4, nn.Linear)):
@@ -107,28 +88,23 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
-        self.reset_lora_parameters(loftq)
+        self.reset_lora_parameters(quant, loftq_iters)
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(self._weight_norm(dtype))
         else:
             self.register_parameter("lora_magnitude_vector", None)
 
-    def reset_lora_parameters(self, loftq: LoftQSettings | None = None) -> None:
+    def reset_lora_parameters(self, quant: QuantSettings | None = None, loftq_iters: int = 1) -> None:
         """Initialise lora_A / lora_B according to `self.init` (for LoftQ, also the base weight)."""
         if self.init == "loftq":
-            from .loftq import loftq_init
-
             if not isinstance(self.base, nn.Linear):
                 raise NibbletuneError(
                     "init='loftq' needs the full-precision weight: wrap the nn.Linear before quantizing "
                     "(the 4-bit base of a LinearNF4 has already lost what LoftQ would recover)"
                 )
-            settings = loftq or LoftQSettings()
-            qt, lora_A, lora_B = loftq_init(
-                self.base.weight.detach(), self.r, self.scaling, settings.num_iters,
-                settings.quant_type, settings.blocksize, settings.double_quant,
-            )
-            compute_dtype = settings.compute_dtype or self.base.weight.dtype
+            quant = quant or QuantSettings()
+            qt, lora_A, lora_B = loftq_init(self.base.weight.detach(), self.r, self.scaling, quant, loftq_iters)
+            compute_dtype = self.base.weight.dtype if quant.compute_dtype == "auto" else quant.torch_compute_dtype()
             self.base = LinearNF4(qt, self.base.bias, compute_dtype)
             with torch.no_grad():
                 self.lora_A.weight.copy_(lora_A)
@@ -192,17 +168,12 @@ class LoraLinear(nn.Module):
         seed = draw_seed() if p > 0 else 0
         base = self.base
         if isinstance(base, LinearNF4):
-            compute_dtype = base.compute_dtype
+            compute_dtype, weight = base.compute_dtype, base.quantized_weight
             bias = None if base.bias is None else base.bias.to(compute_dtype)
-            tensors = (base.packed_codes, base.absmax, base.nested_absmax)
-            meta = base._meta()
         else:
-            compute_dtype = base.weight.dtype
-            bias = base.bias
-            tensors = (base.weight, None, None)
-            meta = None
-        spec = (self.scaling, p, seed, compute_dtype, meta)
-        return LoraLinearFunction.apply(x, bias, self.lora_A.weight, self.lora_B.weight, spec, *tensors)
+            compute_dtype, weight, bias = base.weight.dtype, base.weight, base.bias
+        spec = LoraSpec(self.scaling, p, seed, compute_dtype)
+        return LoraLinearFunction.apply(x, bias, self.lora_A.weight, self.lora_B.weight, spec, weight)
 
     def _dora_term(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """(m / n - 1) * x W^T + (m / n) * scaling * B A x, as in PEFT's DoraLinearLayer.forward."""
@@ -220,8 +191,7 @@ class LoraLinear(nn.Module):
         """x @ W^T without bias, in x's dtype (the dropout branch of DoRA)."""
         if isinstance(self.base, nn.Linear):
             return F.linear(x, self.base.weight.detach().to(x.dtype))
-        base = self.base
-        return _NF4LinearFunction.apply(x, base.packed_codes, base.absmax, base.nested_absmax, None, base._meta(x.dtype))
+        return linear_4bit(x, self.base.quantized_weight, None, x.dtype)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable tensors under their PEFT-relative names."""

@@ -1,11 +1,14 @@
-"""The 4-bit engine: codebooks, blockwise quantization, QuantizedTensor and its kernels."""
+"""The 4-bit engine: codebooks, blockwise quantization, QuantizedTensor and its kernels, QuantSettings."""
 
 from .bnb_format import from_bnb_state_dict, to_bnb_state_dict
 from .codebooks import bits_per_parameter, codebook, dynamic_map
-from .tensor import QuantizedTensor, quantize
+from .settings import QuantSettings
+from .tensor import QuantizedTensor, QuantLayout, quantize
 
 __all__ = [
     "QuantizedTensor",
+    "QuantLayout",
+    "QuantSettings",
     "quantize",
     "codebook",
     "dynamic_map",

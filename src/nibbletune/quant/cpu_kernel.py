@@ -33,6 +33,7 @@ import torch
 from ..errors import QuantizationError
 from ..native import LazyLibrary
 from .codebooks import NESTED_BLOCKSIZE, codebook, dynamic_map
+from .outputs import check_output
 
 SOURCE = Path(__file__).parent / "csrc" / "dequant4bit.c"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off")
@@ -84,8 +85,7 @@ def _flat(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_inputs(qt, dtype: torch.dtype, out: torch.Tensor | None) -> None:
-    if dtype not in _OUT_CODES:
-        raise QuantizationError(f"can dequantize to float32, float16 or bfloat16, not {dtype}")
+    check_output(qt, dtype, out)
     if not qt.packed.is_cpu:
         raise QuantizationError(f"the CPU kernel needs CPU tensors, got {qt.packed.device}")
     n, blocks = qt.numel, qt.num_blocks
@@ -99,13 +99,6 @@ def _check_inputs(qt, dtype: torch.dtype, out: torch.Tensor | None) -> None:
     if qt.double_quant and qt.nested_absmax.numel() < -(-blocks // NESTED_BLOCKSIZE):
         raise QuantizationError(
             f"nested_absmax has {qt.nested_absmax.numel()} entries, expected {-(-blocks // NESTED_BLOCKSIZE)}"
-        )
-    if out is not None and (
-        out.shape != qt.shape or out.dtype != dtype or not out.is_cpu or not out.is_contiguous()
-    ):
-        raise QuantizationError(
-            f"out must be a contiguous CPU {dtype} tensor of shape {tuple(qt.shape)}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
 
 

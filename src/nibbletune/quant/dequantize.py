@@ -16,8 +16,8 @@ import torch
 
 from ..native import kernels_enabled
 from .codebooks import codebook
-
-OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .cpu_kernel import cpu_kernel_available, dequantize_cpu
+from .outputs import check_output
 
 
 @lru_cache(maxsize=8)
@@ -46,29 +46,15 @@ def dequantize_torch(qt, dtype: torch.dtype, out: torch.Tensor | None = None) ->
     return result
 
 
-def _check_out(out: torch.Tensor, qt, dtype: torch.dtype) -> None:
-    if out.shape != qt.shape or out.dtype != dtype or out.device != qt.device or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a contiguous {dtype} tensor of shape {tuple(qt.shape)} on {qt.device}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
-        )
-
-
 def dequantize_4bit(qt, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode a QuantizedTensor to `dtype`, into `out` when given."""
-    if dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"can dequantize to float32, float16 or bfloat16, not {dtype}")
-    if out is not None:
-        _check_out(out, qt, dtype)
+    check_output(qt, dtype, out)
     if kernels_enabled():
         if qt.device.type == "cuda":
-            from .triton_kernel import dequantize_triton, triton_available
+            from .triton_kernel import dequantize_triton, triton_available  # imports triton: only when needed
 
             if triton_available():
                 return dequantize_triton(qt, dtype, out)
-        elif qt.device.type == "cpu":
-            from .cpu_kernel import cpu_kernel_available, dequantize_cpu
-
-            if cpu_kernel_available():
-                return dequantize_cpu(qt, dtype, out)
+        elif qt.device.type == "cpu" and cpu_kernel_available():
+            return dequantize_cpu(qt, dtype, out)
     return dequantize_torch(qt, dtype, out)

@@ -55,7 +55,7 @@ from functools import lru_cache
 import torch
 
 from .codebooks import NESTED_BLOCKSIZE, codebook, dynamic_map
-from .dequantize import OUTPUT_DTYPES, _check_out
+from .outputs import check_output
 
 try:  # Triton is optional; a broken install must not break `import nibbletune`.
     import triton
@@ -199,8 +199,7 @@ def dequantize_triton(
         block_bytes = default_block_bytes(dtype, num_warps)
     if not triton_available():
         raise RuntimeError("the Triton dequantize kernel needs triton and CUDA (or TRITON_INTERPRET=1)")
-    if dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"can dequantize to float32, float16 or bfloat16, not {dtype}")
+    check_output(qt, dtype, out)
     if block_bytes < 1 or block_bytes & (block_bytes - 1):
         raise ValueError(f"block_bytes must be a power of two, got {block_bytes}")
     interpret = _interpret_requested()
@@ -208,8 +207,6 @@ def dequantize_triton(
         raise ValueError(f"the Triton kernel runs on CUDA tensors, got one on {qt.device}")
     if out is None:
         out = torch.empty(qt.shape, dtype=dtype, device=qt.device)
-    else:
-        _check_out(out, qt, dtype)
     n = qt.numel
     if n == 0:
         return out

@@ -2,7 +2,9 @@
 
 A checkpoint is a directory `output_dir/checkpoints/step-00000012/` holding
 
-* the adapter in PEFT format (`adapter_model.safetensors`, `adapter_config.json`, by `save_adapter`);
+* the trained weights: the adapter in PEFT format (`adapter_model.safetensors`, `adapter_config.json`,
+  by `save_adapter`), or for method full every weight (`model.safetensors`, safetensors' own
+  `save_model`, which keeps tied weights once);
 * `trainer_state.safetensors`: every tensor of the optimizer state (`optimizer.<param index>.<name>`)
   and the torch RNG states (`rng.torch`, `rng.cuda.<device>`);
 * `trainer_state.json`: step, data position, optimizer param groups and non-tensor state,
@@ -27,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as load_model_file
+from safetensors.torch import save_model as save_model_file
 
 from ..errors import FormatError
 
@@ -170,22 +174,55 @@ def write_loftq_note(model, directory: str | Path) -> None:
         (Path(directory) / LOFTQ_NOTE).write_text(json.dumps(note, indent=2) + "\n")
 
 
+FULL_WEIGHTS = "model.safetensors"
+
+
+def save_weights(model, directory: str | Path, settings, base_model: str) -> None:
+    """The trained weights into `directory`: the adapter (+ loftq.json) with LoRA settings, else every weight."""
+    if settings is None:
+        save_model_file(model, str(Path(directory) / FULL_WEIGHTS), metadata={"format": "pt"})
+        return
+    from ..loading.peft_adapter import save_adapter
+
+    save_adapter(model, directory, settings, base_model)
+    write_loftq_note(model, directory)
+
+
+def save_full_model(model, tokenizer, out_dir: str | Path) -> None:
+    """A fully trained model as a transformers directory (config, safetensors, tokenizer) in `out_dir`.
+
+    Written into a temporary directory beside it, then each file moved in with os.replace, so a
+    kill leaves the previous files or the new ones; other files in `out_dir` are left alone.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-model-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, out_dir / path.name)
+        _fsync_dir(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_checkpoint(output_dir: str | Path, state: TrainState, model, settings, base_model: str,
                     optimizer, scheduler, config_dict: dict, keep: int, loss_scaling=None) -> Path:
     """Write a checkpoint for `state.step` atomically; keep the newest `keep` (0 = all).
 
+    `settings`: the run's LoraSettings, or None for method full (every weight is saved).
     `loss_scaling`: the loop's `precision.LossScaling`, whose float16 scaler state is saved too.
     """
-    from ..loading.peft_adapter import save_adapter
-
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_adapter(model, tmp, settings, base_model)
-    write_loftq_note(model, tmp)
+    save_weights(model, tmp, settings, base_model)
     optimizer_json, tensors = split_optimizer_state(optimizer.state_dict())
     rng_json, rng_tensors = rng_state()
     save_file({**tensors, **rng_tensors}, str(tmp / STATE_TENSORS))
@@ -222,7 +259,7 @@ def read_checkpoint_meta(path: str | Path) -> dict:
 
 def restore_adapter_weights(model, path: Path) -> None:
     """Copy the adapter tensors of a checkpoint into the model's existing LoRA layers, exactly."""
-    from ..loading.peft_adapter import KEY_PREFIX, WEIGHTS_NAME
+    from ..loading.adapter_files import KEY_PREFIX, WEIGHTS_NAME
     from ..modules import lora_layers
 
     tensors = load_file(str(path / WEIGHTS_NAME))
@@ -239,7 +276,10 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, loss_scaling=
     """Restore adapter weights, optimizer, scheduler, loss scaler and RNG from a checkpoint; return the state."""
     path = Path(path)
     meta = read_checkpoint_meta(path)
-    restore_adapter_weights(model, path)
+    if (path / FULL_WEIGHTS).is_file():
+        load_model_file(model, str(path / FULL_WEIGHTS))  # every weight, tied ones re-tied
+    else:
+        restore_adapter_weights(model, path)
     tensors = load_file(str(path / STATE_TENSORS))
     optimizer.load_state_dict(join_optimizer_state(meta["optimizer"], tensors))
     scheduler.load_state_dict(meta["scheduler"])

@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import NibbletuneError
+from ..modules import LoraSettings
+from ..quant import QuantSettings
 
 
 class ConfigError(NibbletuneError, ValueError):
@@ -46,6 +48,14 @@ class QuantConfig(_Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of activations and dequantized weights; auto = bf16 on CUDA or CPUs with "
         "native bf16, else float32")
+    skip_modules: list[str] = Field(
+        default_factory=list, description="linears kept in 16 bits: a pattern names a module path it ends with, or "
+        "matches it from the start as a regex (transformers' llm_int8_skip_modules rule), e.g. [down_proj]")
+
+    def settings(self) -> QuantSettings:
+        """This section as the QuantSettings that load_model, the adapter record and merge share."""
+        return QuantSettings(quant_type=self.type, blocksize=self.blocksize, double_quant=self.double_quant,
+                             compute_dtype=self.compute_dtype, skip_modules=tuple(self.skip_modules))
 
 
 class LoraConfig(_Section):
@@ -62,6 +72,12 @@ class LoraConfig(_Section):
         "default", description="adapter initialisation: default (Kaiming A, zero B), gaussian, or loftq "
         "(base quantized as Q(W - scaling B A) while loading; the adapter then needs that base, see loftq.json)")
     loftq_iters: int = Field(1, gt=0, description="alternating quantize/SVD rounds of lora.init loftq")
+
+    def settings(self) -> LoraSettings:
+        """This section as the LoraSettings that apply_lora and the adapter files share."""
+        return LoraSettings(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
+                            use_rslora=self.use_rslora, use_dora=self.use_dora, init=self.init,
+                            loftq_iters=self.loftq_iters)
 
 
 class TrainSection(_Section):
@@ -88,6 +104,8 @@ class TrainSection(_Section):
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only on interrupt")
     log_every: int = Field(1, gt=0, description="steps between metrics.jsonl lines")
     keep_checkpoints: int = Field(3, ge=0, description="newest checkpoints kept; 0 keeps all")
+    max_seconds: float = Field(0, ge=0, description="stop after this much training time and save as at the end "
+                               "(the schedule still follows max_steps); 0 = no limit")
 
     @model_validator(mode="after")
     def _length(self) -> TrainSection:
@@ -96,15 +114,35 @@ class TrainSection(_Section):
         return self
 
 
+METHODS = ("qlora", "lora", "full")
+_QUANT_FORMAT_KEYS = ("type", "double_quant", "blocksize", "skip_modules")
+
+
 class TrainConfig(_Section):
     """A whole fine-tuning run."""
 
+    method: Literal["qlora", "lora", "full"] = Field(
+        "qlora", description="qlora: LoRA adapters on a frozen 4-bit base; lora: the same on a frozen 16-bit base; "
+        "full: every weight trains (float32 master weights, no adapters); its output is a model directory")
     model: str = Field(description="base model: a local transformers safetensors directory or a Hugging Face Hub id")
     data: DataConfig = Field(description="training and eval data")
     output_dir: str = Field(description="where the adapter, checkpoints and metrics go")
     quant: QuantConfig = Field(default_factory=QuantConfig, description="4-bit storage of the base")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="adapters")
     train: TrainSection = Field(description="optimisation loop")
+
+    @model_validator(mode="after")
+    def _method_sections(self) -> TrainConfig:
+        if self.method != "qlora":
+            given = [key for key in _QUANT_FORMAT_KEYS if key in self.quant.model_fields_set]
+            if given:
+                raise ValueError(f"'quant.{given[0]}' applies to method qlora only (method is {self.method}; "
+                                 "quant.compute_dtype applies to every method)")
+            if self.lora.init == "loftq":
+                raise ValueError("'lora.init' loftq needs method qlora (it chooses the 4-bit base)")
+        if self.method == "full" and self.lora.model_fields_set:
+            raise ValueError("the 'lora' section applies to methods qlora and lora; method full trains every weight")
+        return self
 
 
 def _one_line(exc: ValidationError, source: str) -> str:

@@ -18,17 +18,16 @@ uninterrupted one step for step on CPU.
 
 from __future__ import annotations
 
+import copy
 import math
-import random
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..devices import resolve_compute_dtype
@@ -41,13 +40,23 @@ from .checkpoint import (
     read_checkpoint_meta,
     remove_stale_temporaries,
     save_checkpoint,
-    write_loftq_note,
+    save_full_model,
+    save_weights,
 )
-from .config import ConfigError, TrainConfig, check_against_model, save_config
+from .config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    check_against_model,
+    config_from_dict,
+    load_config,
+    save_config,
+)
 from .metrics import MetricsLog, format_postfix, peak_memory_bytes, plot_loss_curve, progress_bar
 from .optim import build_optimizer
 from .precision import MAX_SKIPPED_STEPS, LossScaling, autocast_factory, step_scheduler
 from .schedule import build_scheduler
+from .setup import prepare_model
 
 _DATA_STREAM_KEYS = ("seed", "micro_batch_size", "seq_len", "packing")
 
@@ -75,73 +84,16 @@ class TrainHooks:
 
 @dataclass
 class TrainResult:
+    """What a finished run did: steps, last losses, where its output is, how long it took."""
+
     steps: int
     final_loss: float | None
     eval_loss: float | None
     output_dir: Path
     wall_seconds: float
     losses: list[float] = field(default_factory=list)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def lora_settings(config: TrainConfig):
-    from ..modules import LoraSettings
-
-    lora = config.lora
-    return LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
-                        use_rslora=lora.use_rslora, use_dora=lora.use_dora, init=lora.init)
-
-
-def loftq_base(config: TrainConfig):
-    """The LoftQ quantizer for `load_model` when lora.init is loftq, else None."""
-    if config.lora.init != "loftq":
-        return None
-    from ..modules import LoftQSettings
-    from ..modules.loftq import LoftQBase
-
-    quant = config.quant
-    return LoftQBase(lora_settings(config), LoftQSettings(num_iters=config.lora.loftq_iters, quant_type=quant.type,
-                                                          blocksize=quant.blocksize, double_quant=quant.double_quant))
-
-
-def prepare_model(config: TrainConfig, device: torch.device):
-    """Load the 4-bit base and put the seeded adapters in place; returns (model, settings).
-
-    With lora.init loftq the base linears are quantized with LoftQ while they stream in (the
-    only time their full-precision weights exist), then the LoRA factors are copied in.
-    """
-    from ..loading import load_model
-    from ..modules import apply_lora
-
-    loftq = loftq_base(config)
-    model = load_model(config.model, quant_type=config.quant.type, double_quant=config.quant.double_quant,
-                       blocksize=config.quant.blocksize,
-                       compute_dtype=resolve_compute_dtype(config.quant.compute_dtype, device),  # "auto" as autocast
-                       quantize_weight=loftq)
-    settings = lora_settings(config)
-    seed_everything(config.train.seed)
-    targets = apply_lora(model, replace(settings, init="default") if loftq else settings)
-    if not targets:
-        raise ConfigError(f"'lora.target_modules' {config.lora.target_modules!r} matches no linear layer of the model")
-    if loftq:
-        loftq.apply(model)
-        model.loftq_note = loftq.note()
-    model.to(device)
-    if config.train.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if hasattr(model, "config"):
-        model.config.use_cache = False
-    model.train()
-    return model, settings
+    time_capped: bool = False
+    """True when train.max_seconds stopped the run before its last step."""
 
 
 def total_steps(config: TrainConfig, num_examples: int) -> int:
@@ -222,7 +174,7 @@ class Trainer:
             raise ConfigError(f"--resume: no checkpoint under {Path(self.config.output_dir) / 'checkpoints'}")
         meta = read_checkpoint_meta(path)
         saved, now = meta.get("config", {}), self.config.model_dump(mode="json")
-        for key in ("model", "quant", "lora", "data"):
+        for key in ("method", "model", "quant", "lora", "data"):
             if saved.get(key) != now[key]:
                 raise ConfigError(f"--resume {path}: '{key}' differs from the checkpoint's run; it must not change")
         for key in _DATA_STREAM_KEYS:  # the saved data position counts micro-batches of this stream
@@ -300,6 +252,8 @@ class Trainer:
         previous_handler = self._install_sigint()
         losses: list[float] = []
         eval_loss = None
+        loop_started = time.perf_counter()
+        self.time_capped = False
         try:
             while self.state.step < self.total_steps:
                 step_started = time.perf_counter()
@@ -312,7 +266,8 @@ class Trainer:
                 if self.loss_scaling.enabled:
                     record["loss_scale"] = self.loss_scaling.scale
                     record["skipped"] = grad_norm is None
-                last = self.state.step == self.total_steps
+                self.time_capped = bool(config.max_seconds) and time.perf_counter() - loop_started >= config.max_seconds
+                last = self.state.step == self.total_steps or self.time_capped
                 if self.eval_data is not None and ((config.eval_every and self.state.step % config.eval_every == 0)
                                                    or last):
                     eval_loss = evaluate(self.model, self.eval_data.examples, config.micro_batch_size,
@@ -335,6 +290,10 @@ class Trainer:
                                f"(continue with --resume)")
                     print(f"nibbletune train: {message}", file=sys.stderr, flush=True)
                     raise TrainingInterrupted(message, path)
+                if self.time_capped:
+                    print(f"nibbletune train: train.max_seconds ({config.max_seconds:g} s) reached after step "
+                          f"{self.state.step} of {self.total_steps}; saving as at the end", file=sys.stderr, flush=True)
+                    break
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
@@ -343,17 +302,29 @@ class Trainer:
             metrics.close()
         self._finish()
         return TrainResult(steps=self.state.step, final_loss=losses[-1] if losses else None, eval_loss=eval_loss,
-                           output_dir=self.output_dir, wall_seconds=time.perf_counter() - started, losses=losses)
+                           output_dir=self.output_dir, wall_seconds=time.perf_counter() - started, losses=losses,
+                           time_capped=self.time_capped)
 
     def _finish(self) -> None:
-        from ..loading.peft_adapter import save_adapter
-
-        save_adapter(self.model, self.output_dir, self.settings, self.config.model)
-        write_loftq_note(self.model, self.output_dir)
+        if self.settings is None:  # method full: a model directory
+            save_full_model(self.model, self.tokenizer, self.output_dir)
+        else:
+            save_weights(self.model, self.output_dir, self.settings, self.config.model)
         plot_loss_curve(self.output_dir)
 
 
-def train(config: TrainConfig, resume: str | None = None, progress: bool = True,
-          hooks: TrainHooks | None = None) -> TrainResult:
-    """Run a fine-tuning job; `resume` is "auto" (latest checkpoint in output_dir) or a checkpoint path."""
+def train(config: TrainConfig | str | Path | dict, resume: str | None = None, progress: bool = True,
+          hooks: TrainHooks | None = None, overrides: list[str] | None = None) -> TrainResult:
+    """Run a training job (what `nibbletune train` runs) and return its result.
+
+    `config`: a TrainConfig, a YAML file path, or a dict of the same keys; `overrides` are
+    "dotted.key=value" strings applied to a path or dict (`--set`). `resume` is "auto" (the latest
+    checkpoint in output_dir) or a checkpoint path.
+    """
+    if isinstance(config, (str, Path)):
+        config = load_config(config, overrides)
+    elif isinstance(config, dict):
+        config = config_from_dict(apply_overrides(copy.deepcopy(config), overrides or []))
+    elif overrides:
+        raise ConfigError("train: overrides apply to a config file or dict; change a TrainConfig with model_copy")
     return Trainer(config, resume=resume, progress=progress, hooks=hooks).run()

@@ -12,14 +12,16 @@ is downloaded.
 2. tokenizer: byte-level BPE, 4096 tokens, whose pre-tokenizer splits words from the space
    before them and from underscores (`get`, `_`, `scheme`), so a word has one id whether it is
    in a name or in prose (GPT-2's split gives ' scheme' and 'scheme', and `_` + 'None' pieces);
-3. model: LlamaForCausalLM, hidden 192, 4 layers, 6 heads (3.3 M parameters), pretrained with
-   AdamW on 128-token windows, 4 of source and 12 of snippets per batch, for `PRETRAIN_STEPS`
-   steps (about 2 minutes on 2 unloaded cores) or until the time cap, whichever comes first;
-   the learning-rate schedule follows whichever is nearer its end, so a slow machine still
-   ends at a low learning rate. Seeded: on a machine that finishes the steps within the cap,
-   the weights are the same run to run;
-4. saved as a safetensors transformers directory, built in a temporary directory beside the
-   cache entry and renamed into place, so a killed build leaves nothing half-made.
+3. model: LlamaForCausalLM, hidden 192, 4 layers, 6 heads (3.3 M parameters), randomly
+   initialised, then pretrained by `nibbletune.train` itself with `method: full` (every weight,
+   float32 master weights) on a text dataset of 120-token windows of the source files and the
+   snippets, one source token for every three snippet tokens, packed into 128-token sequences,
+   for `PRETRAIN_STEPS` steps (about 2 minutes on 2 unloaded cores; `train.max_seconds` stops a
+   slow machine at `PRETRAIN_SECONDS`). Seeded: the weights are the same run to run when the
+   steps finish within the cap;
+4. saved as a safetensors transformers directory (the run's config.yaml and metrics.jsonl
+   beside it), built in a temporary directory beside the cache entry and renamed into place, so
+   a killed build leaves nothing half-made.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import ast
 import functools
 import json
-import math
 import os
 import random
 import shutil
@@ -37,11 +38,9 @@ import time
 import zlib
 from pathlib import Path
 
-import torch
+from ..train.checkpoint import replace_directory
 
-from .checkpoint import replace_directory
-
-BASE_VERSION = "base-v2"
+BASE_VERSION = "base-v3"
 EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
                  "__pycache__", "ensurepip", "tkinter", "pydoc_data"}
 MAX_FILE_BYTES = 200_000
@@ -49,7 +48,9 @@ VOCAB_SIZE = 4096
 MODEL_SHAPE = {"hidden_size": 192, "num_layers": 4, "heads": 6, "intermediate_size": 512}
 PRETRAIN_STEPS = 320
 PRETRAIN_SECONDS = 150.0
-BATCH_SHARES = [4, 12]      # windows per batch from the source files and from the snippets
+PRETRAIN_SEQ_LEN = 128
+WINDOW_TOKENS = 120         # source files are cut into windows this long (room for EOS and re-tokenization)
+SNIPPETS_PER_SOURCE_TOKEN = 3
 # GPT-2's split, except that a word never carries the space before it and underscores are their own
 # pieces: "scheme" in `get_scheme` and in "the URL scheme" is the same token, so names can be copied
 WORD_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}\p{N}]+|_+| ?[^\s\p{L}\p{N}_]+|\s+(?!\S)|\s+"
@@ -168,55 +169,55 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     return tiny.train_tokenizer(texts, vocab_size, split_regex=WORD_SPLIT)
 
 
-def _windows(token_ids: torch.Tensor, count: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, token_ids.numel() - seq_len - 1, (count,), generator=generator)
-    return torch.stack([token_ids[s:s + seq_len] for s in starts.tolist()])   # (count, T)
+def source_windows(tokenizer, texts: list[str], window: int = WINDOW_TOKENS) -> list[str]:
+    """Each text cut into pieces of `window` tokens, decoded back to text (the last piece may be shorter)."""
+    pieces = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        for start in range(0, len(ids), window):
+            piece = tokenizer.decode(ids[start:start + window])
+            if piece.strip():
+                pieces.append(piece)
+    return pieces
 
 
-def pretrain(model, streams: list[torch.Tensor], shares: list[int], steps: int, seconds: float,
-             seq_len: int = 128, lr: float = 3e-3, seed: int = 0, progress: bool = True) -> list[float]:
-    """Train `model` on random windows: each batch takes `shares[i]` windows from `streams[i]`.
-
-    Stops after `steps` optimizer steps or `seconds` of wall time, whichever comes first; the
-    warmup + cosine schedule runs on max(step / steps, elapsed / seconds). Returns the losses.
-    """
-    from tqdm import tqdm
-
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = 20
-    model.train()
-    losses: list[float] = []
-    bar = tqdm(total=steps, desc="pretrain base", unit="step", file=sys.stderr, disable=not progress)
-    started = time.perf_counter()
-    step = 0
-    while (done := max(step / steps, (time.perf_counter() - started) / seconds)) < 1.0:
-        factor = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * factor
-        batch = torch.cat([_windows(ids, share, seq_len, generator) for ids, share in zip(streams, shares)])
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        step += 1
-        bar.update(1)
-        bar.set_postfix_str(f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
-    bar.close()
-    model.eval()
-    return losses
+def pretraining_rows(tokenizer, texts: list[str], snippets: list[str], seed: int = 0) -> list[dict]:
+    """The pretraining dataset as text rows: every snippet, and source windows worth a third of their tokens."""
+    rng = random.Random(seed)
+    windows = source_windows(tokenizer, texts)
+    rng.shuffle(windows)
+    snippet_tokens = sum(len(ids) for ids in tokenizer(snippets, add_special_tokens=False)["input_ids"])
+    budget, chosen = snippet_tokens / SNIPPETS_PER_SOURCE_TOKEN, []
+    for piece in windows:
+        if budget <= 0:
+            break
+        chosen.append(piece)
+        budget -= WINDOW_TOKENS
+    rows = [{"text": text} for text in chosen + snippets]
+    rng.shuffle(rows)
+    return rows
 
 
-def _flatten(tokenizer, texts: list[str]) -> torch.Tensor:
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return torch.tensor([i for row in ids for i in (*row, tokenizer.eos_token_id)], dtype=torch.long)
+def pretraining_config(init_dir: Path, data_path: Path, output_dir: Path, steps: int, seconds: float):
+    """The pretraining job as a `nibbletune train` config: method full on packed text."""
+    from ..train.config import config_from_dict
+
+    return config_from_dict({
+        "method": "full",
+        "model": str(init_dir),
+        "data": {"path": str(data_path), "format": "text"},
+        "output_dir": str(output_dir),
+        "quant": {"compute_dtype": "float32"},
+        "train": {"max_steps": steps, "max_seconds": seconds, "micro_batch_size": 16, "grad_accum": 1,
+                  "seq_len": PRETRAIN_SEQ_LEN, "packing": True, "lr": 3e-3, "scheduler": "cosine",
+                  "warmup_steps": 20, "weight_decay": 0.01, "max_grad_norm": 1.0, "seed": 0,
+                  "log_every": 10, "save_every": 0, "keep_checkpoints": 1},
+    }, source="quickstart pretraining")
 
 
 def build_base(directory: Path, steps: int = PRETRAIN_STEPS, seconds: float = PRETRAIN_SECONDS,
                progress: bool = True) -> dict:
-    """Tokenizer + pretrained tiny Llama into `directory`; returns facts about the build."""
+    """Tokenizer + tiny Llama pretrained by `nibbletune.train` into `directory`; returns facts about the build."""
+    from ..train import train
     from .tiny import llama_config, random_llama, save_model_dir
 
     started = time.perf_counter()
@@ -226,23 +227,30 @@ def build_base(directory: Path, steps: int = PRETRAIN_STEPS, seconds: float = PR
     say(f"  corpus: {len(texts)} stdlib files ({sum(map(len, texts)) / 1e6:.1f} MB) and "
         f"{len(snippets)} def+docstring snippets")
     tokenizer = train_tokenizer(texts + snippets)
-    source_ids, snippet_ids = _flatten(tokenizer, texts), _flatten(tokenizer, snippets)
+    rows = pretraining_rows(tokenizer, texts, snippets)
     say(f"  tokenizer: byte-level BPE, words split from spaces and underscores, {len(tokenizer)} tokens; "
-        f"{source_ids.numel() / 1e6:.2f} M + {snippet_ids.numel() / 1e6:.2f} M tokens")
+        f"{len(rows)} pretraining rows")
     config = llama_config(len(tokenizer), max_positions=512, **MODEL_SHAPE)
     model = random_llama(config, seed=0)
     parameters = sum(p.numel() for p in model.parameters())
     say(f"  model: Llama, hidden {MODEL_SHAPE['hidden_size']}, {MODEL_SHAPE['num_layers']} layers, "
-        f"{parameters / 1e6:.1f} M parameters; pretraining {steps} steps (at most {seconds:.0f} s)")
-    losses = pretrain(model, [source_ids, snippet_ids], BATCH_SHARES, steps, seconds, progress=progress)
-    save_model_dir(model, tokenizer, directory)
-    facts = {"version": BASE_VERSION, "pretrain_steps": len(losses), "pretrain_steps_planned": steps,
-             "pretrain_final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-             "tokens": source_ids.numel() + snippet_ids.numel(), "parameters": parameters,
-             "build_seconds": time.perf_counter() - started}
+        f"{parameters / 1e6:.1f} M parameters; pretraining {steps} steps (at most {seconds:.0f} s) "
+        "with `nibbletune train`, method full")
+    init_dir = directory.parent / f"{directory.name}-init"
+    shutil.rmtree(init_dir, ignore_errors=True)
+    try:
+        save_model_dir(model, tokenizer, init_dir)
+        data_path = init_dir / "pretrain.jsonl"
+        data_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        result = train(pretraining_config(init_dir, data_path, directory, steps, seconds), progress=progress)
+    finally:
+        shutil.rmtree(init_dir, ignore_errors=True)
+    facts = {"version": BASE_VERSION, "pretrain_steps": result.steps, "pretrain_steps_planned": steps,
+             "pretrain_final_loss": sum(result.losses[-20:]) / max(1, len(result.losses[-20:])),
+             "rows": len(rows), "parameters": parameters, "build_seconds": time.perf_counter() - started}
     (directory / "quickstart_base.json").write_text(json.dumps(facts, indent=2))
-    if len(losses) < steps:
-        say(f"  note: the time cap stopped pretraining after {len(losses)} of {steps} steps (a slow or busy "
+    if result.time_capped:
+        say(f"  note: the time cap stopped pretraining after {result.steps} of {steps} steps (a slow or busy "
             "machine); the base is weaker than planned")
     return facts
 

@@ -6,7 +6,7 @@
    (prompt/completion jsonl); held-out examples come from held-out files only;
 3. held-out loss of the 4-bit base, and its greedy answers for three held-out docstrings;
 4. QLoRA fine-tuning with the same `train()` as `nibbletune train` (NF4 base, LoRA on every
-   linear);
+   linear); the recipe has no training loop of its own, for the base either;
 5. held-out loss and greedy answers again, and the wall time.
 """
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import replace_directory
-from .config import config_from_dict
+from ..train.checkpoint import replace_directory
+from ..train.config import config_from_dict
 from .quickstart_base import (
     PRETRAIN_SECONDS,
     PRETRAIN_STEPS,
@@ -138,10 +138,10 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", steps: int = FINE
                    rebuild: bool = False, progress: bool = True) -> QuickstartResult:
     """The whole job; prints a before/after report and returns its figures."""
     from ..data import build_dataset
-    from ..loading import load_model, load_tokenizer
-    from ..loading.peft_adapter import load_adapter
-    from .loop import evaluate, train
-    from .precision import autocast_factory
+    from ..loading import load_adapter, load_model, load_tokenizer
+    from ..train import train
+    from ..train.batches import evaluate
+    from ..train.precision import autocast_factory
 
     started = time.perf_counter()
     output_dir = Path(output_dir)
@@ -153,7 +153,7 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", steps: int = FINE
     samples = pick_samples(eval_rows)
     eval_data = build_dataset(eval_path, tokenizer, config.train.seq_len, format="completion")
 
-    base = load_model(base_dir, compute_dtype=config.quant.compute_dtype)
+    base = load_model(base_dir, config.quant.settings())
     cpu = torch.device("cpu")
     autocast = autocast_factory(cpu, next(base.parameters()).dtype)
     loss_before = evaluate(base, eval_data.examples, 16, eval_data.pad_token_id, cpu, autocast)
@@ -166,7 +166,7 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", steps: int = FINE
     result = train(config, progress=progress)
     train_seconds = time.perf_counter() - train_started
 
-    tuned = load_model(base_dir, compute_dtype=config.quant.compute_dtype)
+    tuned = load_model(base_dir, config.quant.settings())
     load_adapter(tuned, output_dir)
     tuned.eval()
     for sample in samples:

@@ -1,4 +1,4 @@
-"""The quickstart recipe, shrunk: data extraction and split, tokenizer, pretraining schedule, decoding,
+"""The quickstart recipe, shrunk: data extraction and split, tokenizer, pretraining data, decoding,
 and the pipeline end to end on a 40-file corpus with a few steps (never the real pretraining)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from nibbletune.train import quickstart, quickstart_base
-from nibbletune.train.tiny import llama_config, random_llama
+from nibbletune.recipes import quickstart, quickstart_base
+from nibbletune.recipes.tiny import llama_config, random_llama
 
 
 def test_function_examples_docstring_to_def(tmp_path):
@@ -74,14 +74,26 @@ def _tiny_model(vocab: int = 64):
     return random_llama(llama_config(vocab, hidden_size=32, num_layers=1, heads=2), seed=0)
 
 
-def test_pretrain_is_seeded_and_stops_at_steps_or_time():
-    stream = torch.arange(2000) % 64
-    runs = [quickstart_base.pretrain(_tiny_model(), [stream, stream.flip(0)], [2, 2], steps=6, seconds=60,
-                                     seq_len=16, progress=False) for _ in range(2)]
-    assert len(runs[0]) == 6 and runs[0] == runs[1]
-    capped = quickstart_base.pretrain(_tiny_model(), [stream], [4], steps=10_000, seconds=0.5, seq_len=16,
-                                      progress=False)
-    assert 0 < len(capped) < 10_000
+def test_pretraining_rows_mix_one_source_token_per_three_snippet_tokens():
+    texts = ["def f(x):\n    return x + 1\n" * 40, "class A:\n    pass\n" * 60]
+    snippets = [f"# doc {i}\ndef g{i}():\n" for i in range(200)]
+    tokenizer = quickstart_base.train_tokenizer(texts + snippets, vocab_size=300)
+    windows = quickstart_base.source_windows(tokenizer, texts, window=16)
+    lengths = [len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in windows]
+    assert max(lengths) <= 16 + 2 and "".join(windows) == "".join(texts)  # cut by tokens, nothing lost
+    rows = quickstart_base.pretraining_rows(tokenizer, texts, snippets)
+    assert rows == quickstart_base.pretraining_rows(tokenizer, texts, snippets)  # seeded
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    source = sum(count(r["text"]) for r in rows if r["text"] not in snippets)
+    snippet = sum(count(r["text"]) for r in rows if r["text"] in snippets)
+    assert {r["text"] for r in rows} >= set(snippets)
+    assert 0.2 < source / snippet < 0.5
+
+
+def test_pretraining_is_a_nibbletune_train_job(tmp_path):
+    config = quickstart_base.pretraining_config(tmp_path / "init", tmp_path / "d.jsonl", tmp_path / "out", 5, 60)
+    assert config.method == "full" and config.data.format == "text" and config.train.packing
+    assert config.train.max_steps == 5 and config.train.max_seconds == 60
 
 
 def test_greedy_stops_at_end_of_line():
@@ -111,6 +123,7 @@ def test_quickstart_small(tmp_path, monkeypatch, capsys):
     base = tmp_path / "cache" / "quickstart" / quickstart_base.BASE_VERSION
     assert (base / "config.json").is_file()
     assert '"pretrain_steps": 3' in (base / "quickstart_base.json").read_text()
+    assert (base / "model.safetensors").is_file() and (base / "metrics.jsonl").is_file()  # trained by train()
     assert result.loss_after == result.loss_after  # finite, not NaN
     # warm: the cached base is reused, not rebuilt
     stamp = (base / "quickstart_base.json").stat().st_mtime_ns
