@@ -32,8 +32,9 @@ model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
 model.save_pretrained(out / "base", safe_serialization=True, max_shard_size="100MB")
 del model
 from nibbletune.loading import load_model, save_adapter
+from nibbletune.quant import QuantSettings
 from nibbletune.modules import LoraSettings, apply_lora, lora_layers
-model = load_model(out / "base", compute_dtype=torch.float32)
+model = load_model(out / "base", QuantSettings(compute_dtype="float32"))
 settings = LoraSettings(r=16, alpha=32, dropout=0.0)
 apply_lora(model, settings)
 with torch.no_grad():

@@ -1,9 +1,14 @@
-"""Peak memory of load_model on a ~2 GB (bf16) random Llama, against its bf16 and 4-bit sizes.
+"""Resident and peak memory of load_model on a ~2 GB (bf16) random Llama, against its bf16 and 4-bit sizes.
 
 The checkpoint is written layer by layer (never the whole model in memory) as bf16 safetensors
 shards with an index, into a temporary directory that is removed at the end. Each loader runs
-in a fresh subprocess, which reports its peak resident memory (VmHWM) after importing
-torch/transformers and after loading (Linux only).
+in a fresh subprocess (Linux only). Its baseline is taken after it has imported everything it
+needs, transformers' modeling code included: `import transformers` is lazy, and the first
+model class pulls in transformers.modeling_utils (torch._dynamo, triton, scipy: about 225 MiB
+resident, the same for every loader), which would otherwise be charged to the load. Reported:
+the peak (VmHWM), the resident size right after loading (VmRSS, and again after gc +
+malloc_trim; anonymous and file-backed parts: transformers keeps unconverted tensors as views
+of the safetensors memory map, which count as file-backed) and the model's exact bytes.
 
     python benchmarks/load_memory.py                 # nibbletune only
     python benchmarks/load_memory.py --bnb           # also transformers + bitsandbytes
@@ -27,30 +32,51 @@ from safetensors.torch import save_file
 HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 16, 16
 
 CHILD = r"""
-import json, sys, time
+import ctypes, ctypes.util, gc, json, sys, time
 import torch, transformers
-import nibbletune.loading
+import nibbletune.loading, nibbletune.quant
+import transformers.models.llama.modeling_llama  # what any loader of this model imports (see the docstring)
 
-def high_water_mark():
+def memory():
     # VmHWM belongs to this process image; ru_maxrss would carry over the parent's peak across fork/exec
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+        fields = dict(line.split(":", 1) for line in status)
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
 
-baseline = high_water_mark()
+def model_bytes(model):
+    tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():  # bitsandbytes keeps the 4-bit statistics on the weight's quant_state
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        for part in (state, getattr(state, "state2", None)):
+            if part is not None:
+                tensors += [part.absmax, part.code]
+    unique = {(t.data_ptr(), t.numel(), t.dtype): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
 path, loader, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+if loader == "bitsandbytes":
+    import bitsandbytes
+baseline = memory()
 start = time.perf_counter()
 if loader == "nibbletune":
-    model = nibbletune.loading.load_model(path, compute_dtype=dtype)
+    model = nibbletune.loading.load_model(path, nibbletune.quant.QuantSettings(compute_dtype=sys.argv[3]))
 else:
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=config,
                                                               device_map="cpu", dtype=dtype)
 seconds = time.perf_counter() - start
+loaded = memory()
+gc.collect()
+trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+if trim is not None:
+    trim(0)
+trimmed = memory()
+size = model_bytes(model)
 with torch.no_grad():
     logits = model(torch.tensor([[1, 2, 3, 4]])).logits
-peak = high_water_mark()
-print(json.dumps({"baseline": baseline, "peak": peak, "seconds": seconds, "finite": bool(logits.isfinite().all())}))
+print(json.dumps({"baseline": baseline, "loaded": loaded, "trimmed": trimmed, "peak": loaded["VmHWM"],
+                  "model_bytes": size, "seconds": seconds, "finite": bool(logits.isfinite().all())}))
 """
 
 
@@ -148,11 +174,18 @@ def main() -> None:
         loaders = ["nibbletune"] + (["bitsandbytes"] if args.bnb else [])
         for loader in loaders:
             figures = run_child(root, loader, args.compute_dtype)
-            growth = figures["peak"] - figures["baseline"]
+            base, loaded, trimmed = figures["baseline"], figures["loaded"], figures["trimmed"]
+            size = figures["model_bytes"]
+            growth = figures["peak"] - base["VmHWM"]
+            resident = loaded["VmRSS"] - base["VmRSS"]
             print(
-                f"{loader:>12}: peak RSS {figures['peak'] * mb:6.0f} MiB (after imports {figures['baseline'] * mb:5.0f} MiB,"
-                f" growth {growth * mb:6.0f} MiB = {growth / nf4_bytes:.2f}x the 4-bit size,"
-                f" {growth / bf16_bytes:.2f}x the bf16 size); load {figures['seconds']:.0f} s; logits finite: {figures['finite']}"
+                f"{loader:>12}: model {size * mb:6.0f} MiB; resident after load +{resident * mb:6.0f} MiB"
+                f" = {resident / size:.2f}x the model (goal <= 1.15x; anonymous +{(loaded['RssAnon'] - base['RssAnon']) * mb:.0f},"
+                f" file-backed +{(loaded['RssFile'] - base['RssFile']) * mb:.0f}; after malloc_trim"
+                f" +{(trimmed['VmRSS'] - base['VmRSS']) * mb:.0f});\n{'':14}peak RSS {figures['peak'] * mb:6.0f} MiB"
+                f" (after imports {base['VmHWM'] * mb:5.0f} MiB, growth {growth * mb:6.0f} MiB"
+                f" = {growth / nf4_bytes:.2f}x the 4-bit size, {growth / bf16_bytes:.2f}x the bf16 size) while loading;"
+                f" load {figures['seconds']:.0f} s; logits finite: {figures['finite']}"
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)

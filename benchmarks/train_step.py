@@ -81,10 +81,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+    from nibbletune import LoraSettings, QuantSettings, apply_lora, load_model
     from nibbletune.devices import resolve_compute_dtype, simd_summary
-    from nibbletune.loading import load_model
-    from nibbletune.modules import LoraSettings, apply_lora
-    from nibbletune.train.batches import token_loss_sum
+    from nibbletune.training.batches import token_loss_sum
 
     dtype = resolve_compute_dtype("auto")
     print(f"CPU: {platform.processor() or platform.machine()}; SIMD flags: {simd_summary()}; "
@@ -124,7 +123,7 @@ def main() -> None:
             return token_loss_sum(m(input_ids=ids).logits, ids) / (ids.shape[0] * (ids.shape[1] - 1))
 
         lora = LoraSettings(r=16, alpha=32, dropout=args.dropout, target_modules="all-linear")
-        model = load_model(directory, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype="auto")
+        model = load_model(directory, QuantSettings(quant_type="nf4", blocksize=64, double_quant=True))
         apply_lora(model, lora)
         columns["nibbletune QLoRA"] = adamw_step_fn(model.train(), input_ids, nibbletune_loss)
         unquantized = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)

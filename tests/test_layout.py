@@ -1,7 +1,7 @@
 """The package's architecture, checked from its source: stages import downward only, and no two modules import each other.
 
 Stages, lowest first: errors/devices/native (shared utilities) -> quant -> modules -> loading ->
-data -> train -> export -> recipes -> cli. Every `import` statement counts, including those
+data -> training -> export -> recipes -> cli. Every `import` statement counts, including those
 inside functions (a lazy import is still a dependency).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "nibbletune"
-STAGES = ["(top)", "quant", "modules", "loading", "data", "train", "export", "recipes", "cli"]
+STAGES = ["(top)", "quant", "modules", "loading", "data", "training", "export", "recipes", "cli"]
 
 
 def _module_name(path: Path) -> str:
@@ -91,10 +91,24 @@ def _is_parent_package(target: str, module: str) -> bool:
 
 
 def test_the_public_api_is_at_the_top_level():
+    """Each name is what it says even after every stage was imported (a subpackage named like a
+    function would replace it on the package the moment it is imported)."""
+    import importlib
+
     import nibbletune
+
+    for stage in STAGES[1:]:
+        importlib.import_module(f"nibbletune.{stage}")
 
     for name in ("load_model", "apply_lora", "save_adapter", "load_adapter", "merge", "quantize", "train",
                  "TrainConfig", "QuantSettings", "LoraSettings", "quantize_checkpoint"):
         value = getattr(nibbletune, name)
+        assert callable(value) and not isinstance(value, type(nibbletune)), f"nibbletune.{name} is {value!r}"
         assert value.__doc__, f"nibbletune.{name} has no docstring"
         assert name in nibbletune.__all__
+
+
+def test_all_lists_every_lazy_export():
+    import nibbletune
+
+    assert set(nibbletune._EXPORTS) | {"NibbletuneError", "__version__"} == set(nibbletune.__all__)

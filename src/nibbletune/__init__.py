@@ -33,21 +33,25 @@ _EXPORTS = {
     "load_tokenizer": "nibbletune.loading",
     "load_adapter": "nibbletune.loading",
     "save_adapter": "nibbletune.loading",
-    "TrainConfig": "nibbletune.train",
-    "train": "nibbletune.train",
+    "TrainConfig": "nibbletune.training",
+    "train": "nibbletune.training",
     "merge": "nibbletune.export",
     "quantize_checkpoint": "nibbletune.export",
     "export_gguf": "nibbletune.export",
 }
 
-__all__ = ["NibbletuneError", "__version__", *_EXPORTS]
+__all__ = [
+    "NibbletuneError", "__version__", "QuantizedTensor", "QuantSettings", "quantize", "LoraSettings", "apply_lora",
+    "load_model", "load_tokenizer", "load_adapter", "save_adapter", "TrainConfig", "train", "merge",
+    "quantize_checkpoint", "export_gguf",
+]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
     from .export import export_gguf, merge, quantize_checkpoint
     from .loading import load_adapter, load_model, load_tokenizer, save_adapter
     from .modules import LoraSettings, apply_lora
     from .quant import QuantizedTensor, QuantSettings, quantize
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
 
 def __getattr__(name: str):

@@ -12,7 +12,7 @@ import yaml
 
 from nibbletune.cli.main import main
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
 
 
 def test_train_help_lists_options_and_keys(capsys):

@@ -1,9 +1,7 @@
 """Fixtures for tests/export: one tiny Llama (+ tokenizer) and adapters, built once per session."""
 
 import pytest
-import torch
 from export_helpers import TEXT, make_adapter, save_model, tiny_llama, train_tokenizer
-
 
 
 @pytest.fixture(scope="session")

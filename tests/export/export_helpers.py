@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import transformers
+
 from nibbletune.quant import QuantSettings
 
 CHAT_TEMPLATE = (

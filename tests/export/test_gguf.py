@@ -79,8 +79,8 @@ def test_qwen2_and_mistral_names(tmp_path):
 
 
 def test_gguf_lora_adapter(base_dir, adapter_dir, tmp_path):
-    from nibbletune.loading import read_adapter
     from nibbletune.export.gguf_lora import export_gguf_lora
+    from nibbletune.loading import read_adapter
 
     report = export_gguf_lora(adapter_dir, tmp_path / "a.gguf", base_dir)
     reader = gguf.GGUFReader(str(tmp_path / "a.gguf"))

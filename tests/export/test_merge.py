@@ -158,3 +158,22 @@ def test_multi_round_loftq_adapter_is_refused(base_dir, adapter_dir, tmp_path):
     assert not (tmp_path / "out").exists()
     (adapter / LOFTQ_NOTE).write_text(json.dumps({"init": "loftq", "num_iters": 1, "base_is_plain_quantization": True}))
     merge(base_dir, adapter, tmp_path / "out")  # one round: trained on plain Q(W), merges as usual
+
+
+@pytest.mark.parametrize("change", [{"rank_pattern": {"q_proj": 4}}, {"alpha_pattern": {"q_proj": 2}},
+                                    {"modules_to_save": ["lm_head"]}, {"bias": "lora_only"}, {"r": 4}],
+                         ids=["rank_pattern", "alpha_pattern", "modules_to_save", "bias", "wrong-rank"])
+def test_merge_refuses_exactly_what_load_adapter_refuses(base_dir, adapter_dir, tmp_path, change):
+    """One reader (`loading.read_adapter`): merge --no-verify cannot apply an adapter generate would refuse."""
+    from nibbletune.loading import load_adapter, load_model
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(FormatError) as refused_by_load:
+        load_adapter(load_model(base_dir, QuantSettings(compute_dtype="float32")), adapter)
+    with pytest.raises(FormatError) as refused_by_merge:
+        merge(base_dir, adapter, tmp_path / "m", verify=False)
+    assert str(refused_by_merge.value) == str(refused_by_load.value)
+    assert not (tmp_path / "m").exists()

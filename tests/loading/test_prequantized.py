@@ -5,12 +5,11 @@ import json
 import pytest
 import torch
 import transformers
-from bnb_reference import bnb_model as bnb_reference_model
 from loading_helpers import FAMILIES, count_nf4
 
+from bnb_reference import bnb_model as bnb_reference_model
 from nibbletune.loading import load_model
-from nibbletune.quant import from_bnb_state_dict
-from nibbletune.quant import QuantSettings
+from nibbletune.quant import QuantSettings, from_bnb_state_dict
 
 bnb = pytest.importorskip("bitsandbytes")
 

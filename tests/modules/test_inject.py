@@ -5,7 +5,15 @@ import torch
 from torch import nn
 
 from nibbletune.errors import NibbletuneError
-from nibbletune.modules import LinearNF4, LoraLinear, LoraSettings, apply_lora, linear_layers, lora_settings_of, resolve_targets
+from nibbletune.modules import (
+    LinearNF4,
+    LoraLinear,
+    LoraSettings,
+    apply_lora,
+    linear_layers,
+    lora_settings_of,
+    resolve_targets,
+)
 
 
 def find_linear_names(model):

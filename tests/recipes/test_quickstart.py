@@ -6,7 +6,6 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-import torch
 
 from nibbletune.recipes import quickstart, quickstart_base
 from nibbletune.recipes.tiny import llama_config, random_llama
@@ -78,7 +77,7 @@ def test_pretraining_rows_mix_one_source_token_per_three_snippet_tokens():
     texts = ["def f(x):\n    return x + 1\n" * 40, "class A:\n    pass\n" * 60]
     snippets = [f"# doc {i}\ndef g{i}():\n" for i in range(200)]
     tokenizer = quickstart_base.train_tokenizer(texts + snippets, vocab_size=300)
-    windows = quickstart_base.source_windows(tokenizer, texts, window=16)
+    windows = [piece for text in texts for piece in quickstart_base.source_windows(tokenizer, text, window=16)]
     lengths = [len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in windows]
     assert max(lengths) <= 16 + 2 and "".join(windows) == "".join(texts)  # cut by tokens, nothing lost
     rows = quickstart_base.pretraining_rows(tokenizer, texts, snippets)

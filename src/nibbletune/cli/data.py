@@ -32,7 +32,7 @@ def run(args) -> int:
 
     model, path, seq_len, format, packing = args.model, args.path, args.seq_len, args.format, args.packing
     if args.config:
-        from ..train.config import load_config
+        from ..training.config import load_config
 
         config = load_config(args.config, args.overrides)
         model = model or config.model

@@ -1,35 +1,32 @@
-"""`nibbletune merge BASE ADAPTER OUT`: fold an adapter into its base, verified against the unmerged model."""
+"""`nibbletune merge BASE ADAPTER OUT`: fold an adapter into its base, verified against the unmerged model.
+
+ADAPTER is merged into BASE as training saw it (the dequantized 4-bit base + scaling * B @ A), a
+plain 16/32-bit checkpoint is written to OUT, and its logits are checked against the unmerged
+QLoRA model.
+"""
 
 from __future__ import annotations
 
 import sys
 
+from .options import add_output_options, add_quant_options, quant_from_options
+
 
 def register(subparsers) -> None:
     """Add the `merge` subcommand."""
-    parser = subparsers.add_parser(
-        "merge", help="merge a LoRA/DoRA adapter into its base model and verify the result",
-        description="Merge ADAPTER into BASE as training saw it (dequantized 4-bit base + scaling * B @ A), "
-        "write a plain 16/32-bit checkpoint to OUT, and check its logits against the unmerged QLoRA model.",
-    )
+    summary = "merge a LoRA/DoRA adapter into its base model and verify the result"
+    parser = subparsers.add_parser("merge", help=summary, description=__doc__)
     parser.add_argument("base", help="the base model directory the adapter was trained on (16-bit or bnb 4-bit)")
     parser.add_argument("adapter", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    add_output_options(parser)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="dtype of the merged weights (default: the base's dtype, else bfloat16)")
     parser.add_argument("--base-16bit", metavar="PATH", default=None,
                         help="merge onto these original 16-bit weights instead of the dequantized 4-bit base")
-    parser.add_argument("--quant-type", choices=["nf4", "fp4"], default=None,
-                        help="quantization used in training (default: the adapter's nibbletune.json, else the run's "
-                        "config.yaml, else nf4)")
-    parser.add_argument("--blocksize", type=int, default=None, help="training blocksize (default: recorded, else 64)")
-    parser.add_argument("--no-double-quant", action="store_true", default=None,
-                        help="training ran without double quantization")
+    add_quant_options(parser, recorded=True)
     parser.add_argument("--no-verify", action="store_true", help="skip the logit comparison")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="maximum |logit diff| / std(logits) accepted by the verification")
-    parser.add_argument("--max-shard-size", type=int, default=1024, help="output shard size in MiB")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.set_defaults(func=run)
 
 
@@ -38,16 +35,13 @@ def run(args) -> int:
     from ..export.atomic import human_bytes
     from ..export.merge import merge
     from ..export.training_record import recorded_base_quantization
-    from ..quant import QuantSettings
 
     if args.base_16bit:
         print("warning: merging onto the original 16-bit weights: the 4-bit quantization error the adapter was "
               "trained to compensate is not in this merge, so outputs differ from the QLoRA model", file=sys.stderr)
-    quant = None
-    if args.quant_type or args.blocksize or args.no_double_quant:
-        recorded = recorded_base_quantization(args.adapter).settings
-        quant = (recorded or QuantSettings()).with_changes(
-            quant_type=args.quant_type, blocksize=args.blocksize, double_quant=False if args.no_double_quant else None)
+    quant = quant_from_options(args)
+    if quant is not None:  # options change the recorded settings, they do not replace all of them
+        quant = quant_from_options(args, recorded_base_quantization(args.adapter).settings or quant)
     report = merge(
         args.base, args.adapter, args.out, dtype=args.dtype, base_16bit=args.base_16bit,
         quant=quant, verify=not args.no_verify, tolerance=args.tolerance,

@@ -7,7 +7,7 @@ import textwrap
 
 
 def _keys_help() -> str:
-    from ..train.config import describe_keys
+    from ..training.config import describe_keys
 
     lines = ["config keys (YAML, or --set KEY=VALUE):"]
     for key, default, description in describe_keys():
@@ -42,7 +42,7 @@ def run(args) -> int:
     """Validate the config, then train; user errors surface as NibbletuneError (one line)."""
     import yaml
 
-    from ..train import load_config, train
+    from ..training import load_config, train
 
     config = load_config(args.config, args.overrides)
     if args.check:

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 
-
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     """Put `value` at the parameter or buffer `name` (a parameter becomes a frozen nn.Parameter)."""
     owner_name, _, attr = name.rpartition(".")

@@ -24,6 +24,7 @@ from ..errors import QuantizationError
 from .blockwise import SUPPORTED_BLOCKSIZES
 from .codebooks import QUANT_TYPES
 
+
 @dataclass(frozen=True)
 class QuantSettings:
     """How the frozen linear weights of a base model are quantized and computed with."""
@@ -99,7 +100,8 @@ class QuantSettings:
         """
         raw = config if isinstance(config, dict) else config.to_dict()
         method = raw.get("quant_method", "bitsandbytes")
-        if str(method).lower().removeprefix("quantizationmethod.") != "bitsandbytes" or not raw.get("load_in_4bit"):
+        method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+        if method != "bitsandbytes" or not raw.get("load_in_4bit"):
             raise QuantizationError(f"quantization_config must be a bitsandbytes 4-bit config (load_in_4bit), "
                                     f"got quant_method {method!r}, load_in_4bit {raw.get('load_in_4bit')!r}")
         storage = raw.get("bnb_4bit_quant_storage") or "uint8"

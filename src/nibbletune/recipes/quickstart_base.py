@@ -1,6 +1,6 @@
 """The quickstart's base model: a small Llama pretrained offline on the Python standard library.
 
-Built once and cached under the user cache dir (`~/.cache/nibbletune/quickstart/base-v2`, or
+Built once and cached under the user cache dir (`~/.cache/nibbletune/quickstart/base-v3`, or
 `$NIBBLETUNE_CACHE/quickstart`): the stdlib's own source files are always present, so nothing
 is downloaded.
 
@@ -13,7 +13,7 @@ is downloaded.
    before them and from underscores (`get`, `_`, `scheme`), so a word has one id whether it is
    in a name or in prose (GPT-2's split gives ' scheme' and 'scheme', and `_` + 'None' pieces);
 3. model: LlamaForCausalLM, hidden 192, 4 layers, 6 heads (3.3 M parameters), randomly
-   initialised, then pretrained by `nibbletune.train` itself with `method: full` (every weight,
+   initialised, then pretrained by `nibbletune.training` itself with `method: full` (every weight,
    float32 master weights) on a text dataset of 120-token windows of the source files and the
    snippets, one source token for every three snippet tokens, packed into 128-token sequences,
    for `PRETRAIN_STEPS` steps (about 2 minutes on 2 unloaded cores; `train.max_seconds` stops a
@@ -38,7 +38,7 @@ import time
 import zlib
 from pathlib import Path
 
-from ..train.checkpoint import replace_directory
+from ..training.checkpoint import replace_directory
 
 BASE_VERSION = "base-v3"
 EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
@@ -169,29 +169,41 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     return tiny.train_tokenizer(texts, vocab_size, split_regex=WORD_SPLIT)
 
 
-def source_windows(tokenizer, texts: list[str], window: int = WINDOW_TOKENS) -> list[str]:
-    """Each text cut into pieces of `window` tokens, decoded back to text (the last piece may be shorter)."""
+def source_windows(tokenizer, text: str, window: int = WINDOW_TOKENS) -> list[str]:
+    """`text` cut into pieces of `window` tokens, decoded back to text (the last piece may be shorter).
+
+    A piece whose cut splits a multi-byte character decodes with a replacement character and may
+    re-tokenize longer than `window`; such pieces are left out.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        for start in range(0, len(ids), window):
-            piece = tokenizer.decode(ids[start:start + window])
-            if piece.strip():
-                pieces.append(piece)
+    for start in range(0, len(ids), window):
+        piece = tokenizer.decode(ids[start:start + window])
+        if piece.strip() and "\ufffd" not in piece:
+            pieces.append(piece)
     return pieces
 
 
 def pretraining_rows(tokenizer, texts: list[str], snippets: list[str], seed: int = 0) -> list[dict]:
-    """The pretraining dataset as text rows: every snippet, and source windows worth a third of their tokens."""
+    """The pretraining dataset as text rows: every snippet that fits a sequence, and source windows worth a third
+    of their tokens.
+
+    Source files are taken in a seeded order and tokenized one at a time until the budget is met,
+    so memory stays at one file's encoding.
+    """
     rng = random.Random(seed)
-    windows = source_windows(tokenizer, texts)
-    rng.shuffle(windows)
-    snippet_tokens = sum(len(ids) for ids in tokenizer(snippets, add_special_tokens=False)["input_ids"])
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in snippets]
+    snippets = [text for text, length in zip(snippets, lengths) if length < PRETRAIN_SEQ_LEN]  # room for EOS
+    snippet_tokens = sum(length for length in lengths if length < PRETRAIN_SEQ_LEN)
     budget, chosen = snippet_tokens / SNIPPETS_PER_SOURCE_TOKEN, []
-    for piece in windows:
+    for index in rng.sample(range(len(texts)), len(texts)):
+        for piece in source_windows(tokenizer, texts[index]):
+            if budget <= 0:
+                break
+            chosen.append(piece)
+            budget -= WINDOW_TOKENS
         if budget <= 0:
             break
-        chosen.append(piece)
-        budget -= WINDOW_TOKENS
     rows = [{"text": text} for text in chosen + snippets]
     rng.shuffle(rows)
     return rows
@@ -199,7 +211,7 @@ def pretraining_rows(tokenizer, texts: list[str], snippets: list[str], seed: int
 
 def pretraining_config(init_dir: Path, data_path: Path, output_dir: Path, steps: int, seconds: float):
     """The pretraining job as a `nibbletune train` config: method full on packed text."""
-    from ..train.config import config_from_dict
+    from ..training.config import config_from_dict
 
     return config_from_dict({
         "method": "full",
@@ -216,8 +228,8 @@ def pretraining_config(init_dir: Path, data_path: Path, output_dir: Path, steps:
 
 def build_base(directory: Path, steps: int = PRETRAIN_STEPS, seconds: float = PRETRAIN_SECONDS,
                progress: bool = True) -> dict:
-    """Tokenizer + tiny Llama pretrained by `nibbletune.train` into `directory`; returns facts about the build."""
-    from ..train import train
+    """Tokenizer + tiny Llama pretrained by `nibbletune.training` into `directory`; returns facts about the build."""
+    from ..training import train
     from .tiny import llama_config, random_llama, save_model_dir
 
     started = time.perf_counter()

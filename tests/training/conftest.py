@@ -6,12 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from train_helpers import build_tiny_base, make_rows, write_config, write_jsonl
-
 
 
 @pytest.fixture(scope="session")

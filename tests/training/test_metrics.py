@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from nibbletune.train.metrics import format_postfix, plot_loss_curve, progress_bar
+from nibbletune.training.metrics import format_postfix, plot_loss_curve, progress_bar
 
 
 def write_metrics(directory):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from nibbletune.cli.main import main
-from nibbletune.train.config import load_config
+from nibbletune.training.config import load_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from nibbletune.loading.peft_adapter import adapter_tensors
-from nibbletune.train import TrainHooks, TrainingDiverged, TrainingInterrupted, load_config, train
-from nibbletune.train import loop as loop_module
-from nibbletune.train.metrics import read_metrics
+from nibbletune.training import TrainHooks, TrainingDiverged, TrainingInterrupted, load_config, train
+from nibbletune.training import loop as loop_module
+from nibbletune.training.metrics import read_metrics
 
 
 def run(config_path, dtype, *overrides, **kwargs):

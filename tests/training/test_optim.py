@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nibbletune.train.optim import AdamW8bit, PagedAdamW, dequantize_8bit, quantize_8bit
-from nibbletune.train.schedule import lr_factor
+from nibbletune.training.optim import AdamW8bit, PagedAdamW, dequantize_8bit, quantize_8bit
+from nibbletune.training.schedule import lr_factor
 
 SHAPES = [(300, 70), (5,), (4096, 3), (64, 64)]
 

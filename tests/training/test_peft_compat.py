@@ -6,12 +6,12 @@ import warnings
 
 import pytest
 import torch
-from bnb_reference import exact_bnb
-from numerics import assert_close_rounding
 
+from bnb_reference import exact_bnb
 from nibbletune.loading import load_adapter, load_model
 from nibbletune.quant import QuantSettings
-from nibbletune.train import TrainHooks, load_config, train
+from nibbletune.training import TrainHooks, load_config, train
+from numerics import assert_close_rounding
 
 # Rounding steps whose placement differs between our fused LoRA op and PEFT's modules, per linear
 # layer: the LoRA branch's scaling (before B here, after it in PEFT) and its cast-and-add into the

@@ -16,9 +16,9 @@ import time
 import pytest
 from train_helpers import write_config
 
-from nibbletune.train import load_config, train
-from nibbletune.train.checkpoint import list_checkpoints, read_checkpoint_meta
-from nibbletune.train.metrics import read_metrics
+from nibbletune.training import load_config, train
+from nibbletune.training.checkpoint import list_checkpoints, read_checkpoint_meta
+from nibbletune.training.metrics import read_metrics
 
 # Constant lr and eval only at the end: a run of n steps is a prefix of any longer run.
 ENDLESS = {"max_steps": 100_000, "scheduler": "constant", "warmup_steps": 0, "eval_every": 0, "log_every": 1}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nibbletune.loading.peft_adapter import adapter_tensors
-from nibbletune.train import (
+from nibbletune.training import (
     ConfigError,
     TrainHooks,
     TrainingDiverged,
@@ -17,8 +17,8 @@ from nibbletune.train import (
     load_config,
     train,
 )
-from nibbletune.train.checkpoint import list_checkpoints
-from nibbletune.train.metrics import read_metrics
+from nibbletune.training.checkpoint import list_checkpoints
+from nibbletune.training.metrics import read_metrics
 
 # Recorded on the tiny base of train_helpers (Llama h64/2 layers, BPE 300, seed 7), CPU float32,
 # with the hashed LoRA dropout of modules/dropout.py (a different dropout mask changes them).
@@ -137,7 +137,7 @@ def test_checkpoint_has_no_pickle(make_config):
 
 def test_checkpoint_write_is_atomic(make_config, monkeypatch):
     """A run that dies while writing a checkpoint leaves the previous ones complete and resumable."""
-    from nibbletune.train import checkpoint
+    from nibbletune.training import checkpoint
 
     path, output_dir = make_config("atomic", max_steps=4, save_every=1, eval_every=0, keep_checkpoints=0)
     real_fsync_tree, calls = checkpoint._fsync_tree, {"n": 0}

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from nibbletune.errors import NibbletuneError
-from nibbletune.train.config import (
+from nibbletune.training.config import (
     ConfigError,
     TrainConfig,
     check_against_model,

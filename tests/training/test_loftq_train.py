@@ -13,11 +13,11 @@ from nibbletune.loading import load_model
 from nibbletune.loading.peft_adapter import load_adapter
 from nibbletune.modules.loftq import LOFTQ_NOTE, read_loftq_note
 from nibbletune.modules.loftq_base import LoftQBase
-from nibbletune.train import ConfigError, TrainHooks, load_config, train
-from nibbletune.train.checkpoint import list_checkpoints
-from nibbletune.train.config import check_against_model
-from nibbletune.train.metrics import read_metrics
 from nibbletune.quant import QuantSettings
+from nibbletune.training import ConfigError, TrainHooks, load_config, train
+from nibbletune.training.checkpoint import list_checkpoints
+from nibbletune.training.config import check_against_model
+from nibbletune.training.metrics import read_metrics
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 2, 90, 18]])
 LORA = ["lora.r=16", "lora.alpha=16", "train.max_steps=2", "train.save_every=1", "train.eval_every=0"]
