@@ -1,7 +1,7 @@
 """The package's architecture, checked from its source: stages import downward only, and no two modules import each other.
 
 Stages, lowest first: errors/devices/native (shared utilities) -> quant -> modules -> loading ->
-data -> training -> export -> recipes -> cli. Every `import` statement counts, including those
+data -> training -> evaluation -> export -> recipes -> cli. Every `import` statement counts, including those
 inside functions (a lazy import is still a dependency).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "nibbletune"
-STAGES = ["(top)", "quant", "modules", "loading", "data", "training", "export", "recipes", "cli"]
+STAGES = ["(top)", "quant", "modules", "loading", "data", "training", "evaluation", "export", "recipes", "cli"]
 
 
 def _module_name(path: Path) -> str:

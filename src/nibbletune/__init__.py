@@ -9,6 +9,7 @@ The jobs of the `nibbletune` command as a Python API:
     nibbletune.save_adapter(model, "out/adapter")            # PEFT files + the base's QuantSettings
     nibbletune.merge("path/or/hub-id", "out/adapter", "out/merged")
     nibbletune.train("config.yaml")                          # the `nibbletune train` job
+    nibbletune.evaluate_adapter(nibbletune.EvalJob.from_config("config.yaml"))   # `nibbletune eval`
 
 Names are imported on first use, so `import nibbletune` itself imports neither torch nor transformers.
 """
@@ -35,6 +36,8 @@ _EXPORTS = {
     "save_adapter": "nibbletune.loading",
     "TrainConfig": "nibbletune.training",
     "train": "nibbletune.training",
+    "EvalJob": "nibbletune.evaluation",
+    "evaluate_adapter": "nibbletune.evaluation",
     "merge": "nibbletune.export",
     "quantize_checkpoint": "nibbletune.export",
     "export_gguf": "nibbletune.export",
@@ -42,11 +45,12 @@ _EXPORTS = {
 
 __all__ = [
     "NibbletuneError", "__version__", "QuantizedTensor", "QuantSettings", "quantize", "LoraSettings", "apply_lora",
-    "load_model", "load_tokenizer", "load_adapter", "save_adapter", "TrainConfig", "train", "merge",
-    "quantize_checkpoint", "export_gguf",
+    "load_model", "load_tokenizer", "load_adapter", "save_adapter", "TrainConfig", "train", "EvalJob",
+    "evaluate_adapter", "merge", "quantize_checkpoint", "export_gguf",
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
+    from .evaluation import EvalJob, evaluate_adapter
     from .export import export_gguf, merge, quantize_checkpoint
     from .loading import load_adapter, load_model, load_tokenizer, save_adapter
     from .modules import LoraSettings, apply_lora

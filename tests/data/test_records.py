@@ -90,7 +90,7 @@ def _bad_row_cases():
     return [
         (".jsonl", '{"text": "hello"}\n{"text": "hi"}\n{"text": oops}\n', r"{path}:3: invalid JSON"),
         (".jsonl", '{"text": "hello"}\n["hello"]\n', r"{path}:2: expected a JSON object"),
-        (".json", '[{"text": "hello"},\n {"text": oops}]', r"{path}:2: invalid JSON"),
+        (".json", '[{"text": "hello"},\n {"text": oops}]', r"{path}: row 2: invalid JSON at byte 30 \(line 2\)"),
         (".json", '{"rows": []}', r"{path}: expected a JSON list of objects"),
         (".jsonl", [good, {"txt": "hello"}], r"{path}:2: missing column 'text' for format 'text'"),
         (".csv", [good, good, {"text": ""}], r"{path}:4: column 'text' is empty"),
@@ -101,7 +101,8 @@ def _bad_row_cases():
         (".jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "b", "input": 3}],
          r"{path}:2: column 'input' must be a string"),
         (".jsonl", [{"messages": "hello"}], r"{path}:1: column 'messages' is a string that is not"),
-        (".jsonl", [{"messages": []}], r"{path}:1: column 'messages' must be a non-empty list"),
+        (".jsonl", [{"messages": {"role": "user"}}],
+         r"{path}:1: column 'messages' must be a list of \{role, content\} objects, got dict"),
         (".jsonl", [{"messages": [{"role": "user", "content": "hi"}, "hi"]}],
          r"{path}:1: messages\[1\] must be a \{role, content\} object, got str"),
         (".jsonl", [{"messages": [{"content": "hi"}]}], r"{path}:1: messages\[0\]: 'role' must be"),
@@ -154,9 +155,9 @@ def test_unknown_format_lists_the_allowed_ones(tmp_path, word_tokenizer):
     path = write_rows(tmp_path / "data.jsonl", ROWS["text"])
     with pytest.raises(
         DataError,
-        match="unknown data format 'sharegpt'; expected one of: auto, text, completion, alpaca, chat",
+        match="unknown data format 'oasst'; expected one of: auto, text, completion, alpaca, chat, sharegpt",
     ):
-        build_dataset(path, word_tokenizer, seq_len=16, format="sharegpt")
+        build_dataset(path, word_tokenizer, seq_len=16, format="oasst")
 
 
 def test_explicit_format_overrides_detection(tmp_path, word_tokenizer):

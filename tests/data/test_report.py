@@ -64,7 +64,7 @@ def test_warning_everything_masked(tmp_path, word_tokenizer):
     dataset = build(tmp_path, rows, word_tokenizer)
     assert dataset.examples == [] and dataset.stats.dropped == 2
     report = render_report(dataset, word_tokenizer, color=False)
-    expected = "none of the 2 rows has a trained token left (2 have none, e.g. no assistant turn)"
+    expected = "none of the 2 rows has a trained token left (2 without an assistant turn)"
     assert f"every token is masked: {expected}" in report
 
 
@@ -95,3 +95,29 @@ def test_warning_many_truncated(tmp_path, word_tokenizer):
     assert dataset.stats.truncated == 3
     report = render_report(dataset, word_tokenizer, color=False)
     assert "3 of 5 rows (60%) are longer than seq_len=6 and were truncated (p95 length 10)" in report
+
+
+def test_report_shows_trained_tokens_per_sample_and_what_truncation_cuts(tmp_path, word_tokenizer):
+    rows = [
+        {"prompt": "say", "completion": " hi"},               # <s> say hi </s>: 2 trained
+        {"prompt": "what is", "completion": " two"},          # <s> what is two </s>: 2 trained
+        {"prompt": "say", "completion": " a b c d e f"},      # 9 tokens, 7 trained: cut to 6 keeps 4
+        {"prompt": "a b c d e f g", "completion": " hi"},     # 10 tokens: cut to 6 keeps no trained token
+    ]  # fmt: skip
+    dataset = build(tmp_path, rows, word_tokenizer, seq_len=6)
+    stats = dataset.stats
+    assert stats.trained_lengths == [2, 2, 4]
+    assert (stats.truncated, stats.truncated_lost_trained, stats.dropped_truncated) == (2, 2, 1)
+    assert (stats.trained_tokens, stats.trained_tokens_cut) == (8, 5)
+    report = render_report(dataset, word_tokenizer, color=False)
+    assert "trained tokens per sample: min 2   p5 2   mean 2.7   p50 2   max 4" in report
+    assert ("truncated by seq_len=6: 2 of 4 rows; 2 lose trained tokens (1 lose all of them and are dropped); "
+            "5 trained tokens cut (38.5%)") in report
+    assert "dropped: 1 (1 cut by seq_len to no trained token)" in report
+
+
+def test_report_says_when_limit_leaves_rows_out(tmp_path, word_tokenizer):
+    rows = [{"text": "hello world"}] * 5
+    report = render_report(build(tmp_path, rows, word_tokenizer, limit=2), word_tokenizer, color=False)
+    assert "rows: 2 (of 5 read)   kept: 2" in report
+    assert "truncated by seq_len=64: 0 of 2 rows\n" in report

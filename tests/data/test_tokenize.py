@@ -134,8 +134,8 @@ def test_chat_without_assistant_turn_is_dropped(tmp_path, word_tokenizer):
     ]
     dataset = build(tmp_path, rows, word_tokenizer)
     assert (dataset.stats.rows, dataset.stats.kept, dataset.stats.dropped) == (2, 1, 1)
-    assert dataset.stats.dropped_no_trained == 1
-    assert any("no trained token" in warning for warning in dataset.warnings)
+    assert dataset.stats.dropped_no_assistant == 1
+    assert any("1 without an assistant turn" in warning for warning in dataset.warnings)
 
 
 def test_chat_needs_a_chat_template(tmp_path):
@@ -230,8 +230,9 @@ def test_stats_describe_lengths_and_trained_fraction(tmp_path, word_tokenizer):
     rows = [{"prompt": "a b c", "completion": " d"}] * 3 + [{"prompt": "a", "completion": " b c d e f g h"}]
     stats = build(tmp_path, rows, word_tokenizer).stats
     assert stats.lengths == [6, 6, 6, 10]
-    assert (stats.length_min, stats.length_p50, stats.length_p95, stats.length_max) == (6, 6, 10, 10)
-    assert stats.length_mean == pytest.approx(7.0)
+    lengths = stats.row_lengths
+    assert (lengths.min, lengths.p50, lengths.p95, lengths.max) == (6, 6, 10, 10)
+    assert lengths.mean == pytest.approx(7.0)
     assert stats.trained_tokens == 3 * 2 + 8 and stats.total_tokens == 28
     assert stats.trained_token_fraction == pytest.approx(14 / 28)
 

@@ -9,9 +9,9 @@ from export_helpers import make_adapter
 
 from nibbletune.errors import FormatError
 from nibbletune.export import merge
-from nibbletune.export.training_record import recorded_base_quantization
 from nibbletune.loading import load_adapter, load_model
 from nibbletune.loading.adapter_files import SIDECAR_NAME
+from nibbletune.loading.base_record import recorded_base_quantization
 from nibbletune.quant import QuantSettings
 
 

@@ -1,6 +1,7 @@
 """GGUF export checked by computation: a forward that reads only the GGUF file (llama.cpp's names,
 metadata and rope layout, tests/export/gguf_reference.py) against the transformers model it came from."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -103,7 +104,8 @@ def test_gguf_forward_rope_scaling(family_models, token_ids, tmp_path, family):
 
 def test_reference_catches_missing_qk_permutation(family_models, token_ids, tmp_path, monkeypatch):
     # The check is only worth something if it fails on HF-layout q/k rows in a "llama" file.
-    monkeypatch.setitem(gguf_export.ARCHITECTURES, "LlamaForCausalLM", ("LLAMA", False))
+    llama = gguf_export.ARCHITECTURES["LlamaForCausalLM"]
+    monkeypatch.setitem(gguf_export.ARCHITECTURES, "LlamaForCausalLM", dataclasses.replace(llama, permute_qk=False))
     path, _, expected = family_models["llama"]
     export_gguf(path, tmp_path / "m.gguf", "f32")
     rel, _ = logit_agreement(forward(read_gguf_model(tmp_path / "m.gguf"), token_ids), expected)

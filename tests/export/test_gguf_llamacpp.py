@@ -2,7 +2,8 @@
 
 Runs when `llama_cpp` imports in this interpreter, or when NIBBLETUNE_LLAMA_CPP_PYTHON names a python
 that has it (e.g. a scratch venv: python3 -m venv /tmp/llamaenv && /tmp/llamaenv/bin/pip install
-llama-cpp-python numpy); skipped otherwise.
+llama-cpp-python numpy); skipped otherwise. On CPUs with AMX a native build crashes on q8_0 files (the
+converter's own too); CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" builds one that runs.
 """
 
 import importlib.util
@@ -20,6 +21,7 @@ import transformers
 pytest.importorskip("gguf")
 
 from export_helpers import TEXT, save_family
+from test_gguf_families import save_family_model, sentencepiece_tokenizer
 
 from nibbletune.export import merge
 from nibbletune.export.gguf_export import export_gguf
@@ -92,3 +94,41 @@ def test_llama_cpp_lora_adapter_matches_merged(base_dir, adapter_dir, token_ids,
         assert report["max_rel"] <= LIMITS[lora_type] and report["top1"] == 1.0
     # without the adapter llama.cpp is far from the merged model: the adapter was applied
     assert run_check(tmp_path, tmp_path / "base.gguf", expected, token_ids)["max_rel"] > 100 * LIMITS["f32"]
+
+
+# llama.cpp vs HF float32 for the families test_gguf_families.py builds. gemma3 sits higher: llama.cpp's CPU
+# GELU reads an fp16 table (ggml-cpu vec.h GGML_GELU_FP16). Measured (llama-cpp-python 0.3.36, AVX2 build),
+# qwen3 / gemma3 / phi3 / gemma3-spm / phi3-spm: f32 2.0e-6 / 1.3e-3 / 2.0e-6 / 1.5e-3 / 2.0e-6,
+# f16 3.3e-3 / 4.3e-3 / 4.0e-3 / 5.2e-3 / 3.5e-3, q8_0 8.9e-2 / 0.11 / 0.10 / 0.16 / 7.8e-2 (top-1 down to 0.89).
+FAMILY_LIMITS = {"qwen3": LIMITS, "phi3": LIMITS, "gemma3": {"f32": 1.5e-2, "f16": 3e-2, "q8_0": 0.4}}
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory, tokenizer):
+    """{name: (model dir, token ids of TEXT, HF float32 logits)}: the BPE-tokenizer families, and Gemma 3 /
+    Phi-3 with SentencePiece tokenizers (Gemma's without, Llama 2's with a prefix space)."""
+    root = tmp_path_factory.mktemp("llamacpp-families")
+    out = {}
+    for family in ("qwen3", "gemma3", "phi3"):
+        path, _, ids, logits = save_family_model(family, root / "bpe", tokenizer)
+        out[family] = (path, ids, logits)
+    for family, style in (("gemma3", "gemma"), ("phi3", "llama")):
+        spm = sentencepiece_tokenizer(root / f"spm-{style}", prefix_space=style == "llama")
+        path, _, ids, logits = save_family_model(family, root / style, spm)
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            (path / name).write_bytes((root / f"spm-{style}" / name).read_bytes())
+        out[f"{family}-spm"] = (path, ids, logits)
+    return out
+
+
+@pytest.mark.parametrize("out_type", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("name", ["qwen3", "gemma3", "phi3", "gemma3-spm", "phi3-spm"])
+def test_llama_cpp_runs_the_new_families(family_models, tmp_path, name, out_type):
+    path, token_ids, expected = family_models[name]
+    # general.name containing "phi3" makes llama.cpp look up Phi-3's own special tokens, absent from the BPE vocab
+    export_gguf(path, tmp_path / "m.gguf", out_type, name="tiny")
+    report = run_check(tmp_path, tmp_path / "m.gguf", expected, token_ids,
+                       "--text", TEXT, "--text-ids", ",".join(map(str, token_ids)))
+    assert report["tokenize_match"], f"llama.cpp tokenized {TEXT!r} as {report['llama_cpp_ids']}, HF as {token_ids}"
+    assert report["max_rel"] <= FAMILY_LIMITS[name.split("-")[0]][out_type]
+    assert report["top1"] >= (1.0 if out_type != "q8_0" else 0.8)

@@ -9,10 +9,10 @@ from export_helpers import make_adapter, save_model, tiny_llama
 
 from nibbletune.errors import FormatError, NibbletuneError
 from nibbletune.export import OutputExistsError, merge, quantize_checkpoint
-from nibbletune.export.adapter_fit import AdapterMismatchError
-from nibbletune.export.training_record import recorded_base_quantization
 from nibbletune.export.verify import VerificationError
 from nibbletune.loading import read_adapter
+from nibbletune.loading.adapter_files import AdapterMismatchError
+from nibbletune.loading.base_record import recorded_base_quantization
 from nibbletune.quant import QuantSettings
 
 

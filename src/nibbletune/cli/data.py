@@ -17,7 +17,10 @@ def register(subparsers) -> None:
                         help="override a config key (with --config)")
     parser.add_argument("--model", help="model directory whose tokenizer is used")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: config, else 512)")
-    parser.add_argument("--format", help="auto, text, completion, alpaca or chat (default: config, else auto)")
+    parser.add_argument("--format", help="auto, text, completion, alpaca, chat or sharegpt (default: config, else auto)")
+    parser.add_argument("--on-bad-rows", choices=["error", "skip"],
+                        help="unreadable or unusable rows: stop (error) or leave them out and count them (skip); "
+                        "default: config, else error")
     parser.add_argument("--packing", action="store_true", default=None, help="pack examples into sequences")
     parser.add_argument("--limit", type=int, help="only the first N rows")
     parser.add_argument("--samples", type=int, default=3, help="samples to show (default 3)")
@@ -31,6 +34,7 @@ def run(args) -> int:
     from ..loading import load_tokenizer
 
     model, path, seq_len, format, packing = args.model, args.path, args.seq_len, args.format, args.packing
+    on_bad_rows = args.on_bad_rows
     if args.config:
         from ..training.config import load_config
 
@@ -40,11 +44,12 @@ def run(args) -> int:
         seq_len = seq_len or config.train.seq_len
         format = format or config.data.format
         packing = config.train.packing if packing is None else packing
+        on_bad_rows = on_bad_rows or config.data.on_bad_rows
     if not model or not path:
         raise NibbletuneError("give --config, or --model and a dataset path")
     tokenizer = load_tokenizer(model)
     dataset = build_dataset(path, tokenizer, seq_len or 512, format=format or "auto", packing=bool(packing),
-                            limit=args.limit)
+                            limit=args.limit, on_bad_rows=on_bad_rows or "error")
     color = not args.no_color and sys.stdout.isatty()
     print(render_report(dataset, tokenizer, num_samples=args.samples, color=color))
     return 0

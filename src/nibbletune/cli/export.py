@@ -7,14 +7,15 @@ def register(subparsers) -> None:
     """Add the `export` subcommand and its formats."""
     parser = subparsers.add_parser("export", help="export a merged model or an adapter to GGUF (llama.cpp)")
     formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    model = formats.add_parser("gguf", help="a merged Llama/Mistral/Qwen2 model -> one GGUF file (read back and checked)")
+    model = formats.add_parser("gguf", help="a merged Llama/Mistral/Qwen2/Qwen3/Gemma 3/Phi-3 model -> one GGUF file "
+                                            "(read back and checked)")
     model.add_argument("model", help="merged model directory (plain safetensors, not 4-bit)")
     model.add_argument("out", help="output .gguf file")
     model.add_argument("--type", dest="out_type", default="f16", choices=["f16", "bf16", "f32", "q8_0", "q4_0"])
     model.add_argument("--name", default=None, help="general.name (default: the model directory's name)")
     model.add_argument("--tokenizer-pre", default=None,
-                       help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre), e.g. gpt-2, llama-bpe, qwen2; "
-                            "default: detected from tokenizer.json")
+                       help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre) of a byte-level BPE tokenizer, "
+                            "e.g. gpt-2, llama-bpe, qwen2; default: detected from tokenizer.json")
     model.add_argument("--overwrite", action="store_true")
     model.set_defaults(func=run_gguf)
     lora = formats.add_parser("gguf-lora", help="a PEFT LoRA adapter -> a llama.cpp GGUF LoRA adapter")

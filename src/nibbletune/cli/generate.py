@@ -55,7 +55,7 @@ def _load(args):
 
 def _base_quantization(adapter):
     """The QuantSettings the adapter trained against (nibbletune.json, the run's config.yaml), else defaults."""
-    from ..export.training_record import recorded_base_quantization
+    from ..loading.base_record import recorded_base_quantization
     from ..quant import QuantSettings
 
     if not adapter:

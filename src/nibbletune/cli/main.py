@@ -12,7 +12,7 @@ import sys
 
 from ..errors import NibbletuneError
 
-COMMAND_MODULES = ("quickstart", "demo", "train", "data", "merge", "quantize", "export", "generate", "plan")
+COMMAND_MODULES = ("quickstart", "demo", "train", "data", "merge", "quantize", "export", "generate", "eval", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ def run(args) -> int:
     """Merge, verify, and say plainly what was written."""
     from ..export.atomic import human_bytes
     from ..export.merge import merge
-    from ..export.training_record import recorded_base_quantization
+    from ..loading.base_record import recorded_base_quantization
 
     if args.base_16bit:
         print("warning: merging onto the original 16-bit weights: the 4-bit quantization error the adapter was "

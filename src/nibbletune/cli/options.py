@@ -3,7 +3,7 @@ output-directory options of the commands that write a checkpoint (`quantize`, `m
 
 `quantize` writes a new base, so its quantization options have the format's defaults; `merge`
 rebuilds the base an adapter trained on, so its options default to what the adapter records
-(`export.training_record`) and only override it when given.
+(`loading.base_record`) and only override it when given.
 """
 
 from __future__ import annotations

@@ -1,18 +1,24 @@
 """Dataset formats: which columns a row holds, and how a row becomes text with trained spans.
 
-Four formats, detected from the column names (``detect_format``) or named explicitly:
+Five formats, detected from the column names (``detect_format``, in this order) or named explicitly:
 
 ============  ==========================================  ==========================================
 format        columns                                     trained text
 ============  ==========================================  ==========================================
-text          ``text``                                    all of it
+chat          ``messages`` (list of ``{role, content}``)  each non-empty assistant turn, with its
+                                                          end-of-turn token, as the tokenizer's chat
+                                                          template renders it
+sharegpt      ``conversations`` (list of ``{from,         as chat: the turns become messages
+              value}``)                                   (``conversations.py`` maps the roles)
+alpaca        ``instruction``, ``output``, opt. ``input`` the output, after :data:`ALPACA_PROMPT`
 completion    ``prompt``, ``completion``                  the completion (prompt + completion, no
                                                           separator added: put one in your data)
-alpaca        ``instruction``, ``output``, opt. ``input`` the output, after :data:`ALPACA_PROMPT`
-chat          ``messages`` (list of ``{role, content}``)  each assistant turn, with its end-of-turn
-                                                          token, as the tokenizer's chat template
-                                                          renders it
+text          ``text``                                    all of it
 ============  ==========================================  ==========================================
+
+Checking a row (``check_fields``) normalizes it: a sharegpt row gets the ``messages`` its turns become,
+so everything after this module sees one conversation form. Empty assistant turns are left untrained
+(see ``conversations.py``).
 
 A row is rendered to :class:`Rendered`: consecutive ``(text, trained)`` segments whose concatenation is
 the whole training text. ``tokenize.py`` turns that into token ids and labels.
@@ -28,17 +34,20 @@ such a row is an error rather than a silently wrong mask.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nibbletune.data.records import DataError, Record, read_records
+from nibbletune.data.conversations import chat_messages, is_empty_assistant_turn, sharegpt_messages
+from nibbletune.data.records import BadRows, DataError, Record, read_records
 
-FORMATS = ("text", "completion", "alpaca", "chat")
+FORMATS = ("text", "completion", "alpaca", "chat", "sharegpt")
+CHAT_FORMATS = ("chat", "sharegpt")
+"""Formats rendered through the tokenizer's chat template."""
 FORMAT_COLUMNS = {
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
     "completion": ("prompt", "completion"),
     "text": ("text",),
@@ -76,14 +85,14 @@ class Rendered:
 
 
 def detect_format(columns: Iterable[str]) -> str:
-    """The format of a row with these column names: ``chat``, ``alpaca``, ``completion`` or ``text``."""
+    """The format of a row with these column names: ``chat``, ``sharegpt``, ``alpaca``, ``completion`` or ``text``."""
     present = set(columns)
     for name, required in FORMAT_COLUMNS.items():
         if all(column in present for column in required):
             return name
     raise DataError(
         f"cannot tell the format from columns {sorted(present)}; expected 'text', 'prompt'+'completion', "
-        "'instruction'+'output' (+'input') or 'messages'"
+        "'instruction'+'output' (+'input'), 'messages' or 'conversations'"
     )
 
 
@@ -94,20 +103,55 @@ def check_format_name(format: str) -> str:
     return format
 
 
-def load_records(path: str | Path, format: str = "auto") -> list[Record]:
+def load_records(path: str | Path, format: str = "auto", bad_rows: BadRows | None = None) -> list[Record]:
     """Read the rows at ``path`` and check each against ``format`` (``"auto"``: detected from the first row).
 
-    Returned records hold normalized fields (e.g. chat ``messages`` parsed from a CSV cell). A bad row
-    raises :class:`DataError` naming its file and line or row.
+    Returned records hold normalized fields (e.g. chat ``messages`` parsed from a CSV cell, or made from
+    ShareGPT ``conversations``). A bad row raises :class:`DataError` naming its file and line or row, or
+    with a skipping ``bad_rows`` is left out and counted there.
     """
+    return load_checked_records(path, format, bad_rows)[1]
+
+
+def load_checked_records(
+    path: str | Path, format: str = "auto", bad_rows: BadRows | None = None
+) -> tuple[str, list[Record]]:
+    """The format (detected when ``"auto"``) and the rows at ``path`` checked against it: see :func:`load_records`."""
     check_format_name(format)
-    records = read_records(path)
+    bad_rows = bad_rows if bad_rows is not None else BadRows()
+    records = read_records(path, bad_rows)
     if format == "auto":
+        format = _detect_records_format(records, bad_rows, path)
+    checked = []
+    for record in records:
         try:
-            format = detect_format(records[0].fields)
+            checked.append(Record(check_fields(record.fields, format, record.source), record.source))
         except DataError as error:
-            raise DataError(f"{records[0].source}: {error}") from None
-    return [Record(check_fields(record.fields, format, record.source), record.source) for record in records]
+            bad_rows.add(str(error))
+    if not checked:
+        raise _no_usable_rows(path, bad_rows)
+    return format, checked
+
+
+def _no_usable_rows(path: str | Path, bad_rows: BadRows) -> DataError:
+    return DataError(f"{path}: no usable rows ({bad_rows.count} bad rows skipped; the first: "
+                     f"{bad_rows.first_reasons[0]})")
+
+
+def _detect_records_format(records: list[Record], bad_rows: BadRows, path: str | Path) -> str:
+    """The format of the first row, or when skipping bad rows, of the first row whose columns tell one."""
+    if not records:
+        raise _no_usable_rows(path, bad_rows)
+    candidates = records if bad_rows.on_bad_rows == "skip" else records[:1]
+    for record in candidates:
+        try:
+            return detect_format(record.fields)
+        except DataError:
+            continue
+    try:
+        return detect_format(records[0].fields)
+    except DataError as error:
+        raise DataError(f"{records[0].source}: {error}") from None
 
 
 def check_fields(fields: dict, format: str, source: str) -> dict:
@@ -130,8 +174,10 @@ def check_fields(fields: dict, format: str, source: str) -> dict:
         if fields.get("input") is None:
             fields["input"] = ""
         _require_text(fields, "input", source, allow_empty=True)
+    elif format == "sharegpt":
+        fields["messages"] = sharegpt_messages(fields["conversations"], source)
     else:
-        fields["messages"] = _check_messages(fields["messages"], source)
+        fields["messages"] = chat_messages(fields["messages"], source)
     return fields
 
 
@@ -141,33 +187,6 @@ def _require_text(fields: dict, column: str, source: str, allow_empty: bool = Fa
         raise DataError(f"{source}: column {column!r} must be a string, got {_describe(value)}")
     if not allow_empty and not value.strip():
         raise DataError(f"{source}: column {column!r} is empty")
-
-
-def _check_messages(messages: object, source: str) -> list[dict]:
-    if isinstance(messages, str):  # a CSV cell can only hold the list as JSON text
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            raise DataError(f"{source}: column 'messages' is a string that is not a JSON list") from None
-    expected = "a non-empty list of {role, content} objects"
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{source}: column 'messages' must be {expected}, got {_describe(messages)}")
-    checked = []
-    for index, message in enumerate(messages):
-        where = f"{source}: messages[{index}]"
-        if not isinstance(message, dict):
-            raise DataError(f"{where} must be a {{role, content}} object, got {_describe(message)}")
-        # parquet gives every struct field to every message, as None where a message lacks it
-        message = {key: value for key, value in message.items() if value is not None or key == "content"}
-        if not isinstance(message.get("role"), str) or not message["role"]:
-            raise DataError(
-                f"{where}: 'role' must be a non-empty string, got {_describe(message.get('role'))}"
-            )
-        content = message.get("content")
-        if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
-            raise DataError(f"{where}: 'content' must be a string, got {_describe(content)}")
-        checked.append(message)
-    return checked
 
 
 def _describe(value: object) -> str:
@@ -187,11 +206,11 @@ def render(fields: dict, format: str, tokenizer, source: str) -> Rendered:
     return render_chat(fields["messages"], tokenizer, source)
 
 
-def require_chat_template(tokenizer) -> None:
+def require_chat_template(tokenizer, format: str = "chat") -> None:
     """A :class:`DataError` unless ``tokenizer`` has a chat template to render ``messages`` with."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
-            "format 'chat' needs the tokenizer's chat template, but tokenizer.chat_template is not set; "
+            f"format {format!r} needs the tokenizer's chat template, but tokenizer.chat_template is not set; "
             "use a tokenizer that has one (an instruct model's), set it, or convert the data to "
             "prompt/completion"
         )
@@ -205,12 +224,12 @@ def has_generation_markers(tokenizer) -> bool:
 
 
 def render_chat(messages: list[dict], tokenizer, source: str) -> Rendered:
-    """Render a conversation with the chat template, marking each assistant turn as trained."""
+    """Render a conversation with the chat template, marking each non-empty assistant turn as trained."""
     require_chat_template(tokenizer)
     full = _apply_template(tokenizer, messages, source)
     spans = []
     for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or is_empty_assistant_turn(message):
             continue
         span = _assistant_span(tokenizer, messages, index, full, source)
         if span is None:
@@ -287,12 +306,38 @@ def _render_with_generation_markers(tokenizer, messages, full, source) -> Render
         )
     except Exception as error:
         raise DataError(f"{source}: the chat template failed on this conversation ({error})") from None
-    spans = [
+    spans = _merge([
         (start, end)
         for (start, end), trained in zip(encoded["offset_mapping"], encoded["assistant_masks"])
         if trained and end > start
-    ]
-    return Rendered(_segments(full, _merge(spans)), from_template=True)
+    ])
+    if any(is_empty_assistant_turn(message) for message in messages):
+        spans = _without_empty_turns(tokenizer, full, spans)
+    return Rendered(_segments(full, spans), from_template=True)
+
+
+def _without_empty_turns(tokenizer, full: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans`` less the turns that hold nothing but special tokens (e.g. only ``<|im_end|>``).
+
+    The markers' mask does not say which turn a span belongs to; spans with only whitespace between them
+    are taken as one turn.
+    """
+    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    specials |= set(tokenizer.all_special_tokens)
+    turns: list[list[tuple[int, int]]] = []
+    for start, end in spans:
+        if turns and not full[turns[-1][-1][1] : start].strip():
+            turns[-1].append((start, end))
+        else:
+            turns.append([(start, end)])
+    kept = []
+    for turn in turns:
+        text = full[turn[0][0] : turn[-1][1]]
+        for special in specials:
+            text = text.replace(special, "")
+        if text.strip():
+            kept += turn
+    return kept
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -11,24 +11,36 @@ error can point at it:
 - csv: ``data.csv:12``, the 1-based line on which the row starts (the header is line 1);
 - json and parquet: ``data.json: row 3``, the 1-based position in the list or table.
 
-jsonl is parsed here line by line so the line numbers are exact. csv is read with the standard
-library's ``csv`` module rather than pyarrow: it gives the line each row starts on, and it keeps every
-cell a string (pyarrow would infer ``"42"`` as an integer column). parquet is read with pyarrow.
+jsonl is parsed here line by line (as bytes, so lines end only at newline bytes and the numbers are exact).
+json is streamed element by element (``json_stream.py``): a file cut short still gives the rows before
+the cut, and problems are located by byte offset. csv is read with the standard library's ``csv`` module
+rather than pyarrow: it gives the line each row starts on, and it keeps every cell a string (pyarrow
+would infer ``"42"`` as an integer column). parquet is read with pyarrow.
+
+A row that cannot be read (invalid or truncated JSON, not an object, the wrong number of cells) goes to
+:class:`BadRows`: with ``on_bad_rows="error"`` (the default) it raises a :class:`DataError`; with
+``"skip"`` it is left out, counted, and the first few reasons are kept for the dataset's warnings. A
+file that is not a dataset at all (not UTF-8, not a JSON list, broken CSV quoting) is an error either way.
 
 This module knows nothing about formats (which columns a row needs): see ``formats.py``.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from nibbletune.data.json_stream import JsonLayoutError, iter_json_elements
 from nibbletune.errors import NibbletuneError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+ON_BAD_ROWS = ("error", "skip")
+KEPT_REASONS = 5
+"""How many reasons :class:`BadRows` keeps (it counts them all)."""
 
 
 class DataError(NibbletuneError, ValueError):
@@ -41,6 +53,29 @@ class Record:
 
     fields: dict
     source: str
+
+
+@dataclass
+class BadRows:
+    """What happens to a row that cannot be read or used: raised (``error``) or left out and counted (``skip``)."""
+
+    on_bad_rows: str = "error"
+    count: int = 0
+    """Rows left out (``skip`` only)."""
+    first_reasons: list[str] = field(default_factory=list)
+    """The first :data:`KEPT_REASONS` of them, each naming its file and line, row or byte offset."""
+
+    def __post_init__(self) -> None:
+        if self.on_bad_rows not in ON_BAD_ROWS:
+            raise DataError(f"on_bad_rows must be one of {', '.join(ON_BAD_ROWS)}, got {self.on_bad_rows!r}")
+
+    def add(self, reason: str) -> None:
+        """Raise ``reason`` (one line naming the row) as a :class:`DataError`, or count it when skipping."""
+        if self.on_bad_rows == "error":
+            raise DataError(reason)
+        self.count += 1
+        if len(self.first_reasons) < KEPT_REASONS:
+            self.first_reasons.append(reason)
 
 
 def resolve_files(path: str | Path) -> list[Path]:
@@ -67,60 +102,83 @@ def resolve_files(path: str | Path) -> list[Path]:
     raise DataError(f"{path_text}: no such file or directory")
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """All rows of the file(s) at ``path``; :class:`DataError` for an unreadable row or an empty file."""
+def read_records(path: str | Path, bad_rows: BadRows | None = None) -> list[Record]:
+    """All rows of the file(s) at ``path``; unreadable rows go to ``bad_rows`` (default: raise them).
+
+    An empty file, or one that is not a dataset at all, raises :class:`DataError` whatever ``bad_rows`` says.
+    """
+    bad_rows = bad_rows if bad_rows is not None else BadRows()
     records: list[Record] = []
     for file in resolve_files(path):
-        file_records = _READERS[file.suffix.lower()](file)
-        if not file_records:
+        bad_before = bad_rows.count
+        file_records = _READERS[file.suffix.lower()](file, bad_rows)
+        if not file_records and bad_rows.count == bad_before:
             raise DataError(f"{file}: file holds no rows")
         records.extend(file_records)
     return records
 
 
-def _require_object(value: object, source: str) -> dict:
-    if not isinstance(value, dict):
-        raise DataError(f"{source}: expected a JSON object with named columns, got {type(value).__name__}")
-    return value
+def _is_object(value: object, source: str, bad_rows: BadRows) -> bool:
+    if isinstance(value, dict):
+        return True
+    bad_rows.add(f"{source}: expected a JSON object with named columns, got {type(value).__name__}")
+    return False
 
 
-def _read_jsonl(file: Path) -> list[Record]:
+def _read_jsonl(file: Path, bad_rows: BadRows) -> list[Record]:
     records = []
-    with open(file, encoding="utf-8-sig") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(file, "rb") as handle:
+        for line_number, raw_line in enumerate(handle, start=1):
+            source = f"{file}:{line_number}"
+            if line_number == 1:
+                raw_line = raw_line.removeprefix(codecs.BOM_UTF8)
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad_rows.add(f"{source}: not UTF-8 text (at column {error.start + 1})")
+                continue
             if not line.strip():
                 continue
-            source = f"{file}:{line_number}"
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{source}: invalid JSON ({error.msg} at column {error.colno})") from None
-            records.append(Record(_require_object(value, source), source))
+                cut = not line.endswith("\n") and (
+                    error.msg.startswith("Unterminated string") or error.pos >= len(line.rstrip())
+                )
+                hint = "; the file ends inside this line: truncated?" if cut else ""
+                at = "" if error.msg.endswith(" at") else " at"  # "Unterminated string starting at"
+                bad_rows.add(f"{source}: invalid JSON ({error.msg}{at} column {error.colno}){hint}")
+                continue
+            if _is_object(value, source, bad_rows):
+                records.append(Record(value, source))
     return records
 
 
-def _read_json(file: Path) -> list[Record]:
-    try:
-        with open(file, encoding="utf-8-sig") as handle:
-            value = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise DataError(
-            f"{file}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno})"
-        ) from None
-    if isinstance(value, dict) and isinstance(value.get("data"), list):
-        value = value["data"]
-    if not isinstance(value, list):
-        raise DataError(
-            f'{file}: expected a JSON list of objects or {{"data": [...]}}, got {type(value).__name__}'
-        )
+def _read_json(file: Path, bad_rows: BadRows) -> list[Record]:
     records = []
-    for row_number, item in enumerate(value, start=1):
-        source = f"{file}: row {row_number}"
-        records.append(Record(_require_object(item, source), source))
+    with open(file, "rb") as handle:
+        try:
+            for element in iter_json_elements(handle):
+                source = f"{file}: row {element.number}"
+                if element.problem is None:
+                    if _is_object(element.value, source, bad_rows):
+                        records.append(Record(element.value, source))
+                    continue
+                if element.truncated:
+                    kept = "are kept" if bad_rows.on_bad_rows == "skip" else "can be kept with on_bad_rows: skip"
+                    bad_rows.add(f"{source}: {element.problem}: truncated file? (the {len(records)} complete rows "
+                                 f"before it {kept})")
+                elif element.stops:
+                    bad_rows.add(f"{source}: {element.problem}; where the row ends cannot be found, so the rest "
+                                 "of the file is not read")
+                else:
+                    bad_rows.add(f"{source}: {element.problem}")
+        except JsonLayoutError as error:
+            raise DataError(f"{file}: {error}") from None
     return records
 
 
-def _read_csv(file: Path) -> list[Record]:
+def _read_csv(file: Path, bad_rows: BadRows) -> list[Record]:
     records = []
     with open(file, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle)
@@ -135,14 +193,17 @@ def _read_csv(file: Path) -> list[Record]:
                 if not row:  # an empty line
                     continue
                 if len(row) != len(header):
-                    raise DataError(f"{source}: expected {len(header)} cells like the header, got {len(row)}")
+                    bad_rows.add(f"{source}: expected {len(header)} cells like the header, got {len(row)}")
+                    continue
                 records.append(Record(dict(zip(header, row)), source))
         except csv.Error as error:
             raise DataError(f"{file}:{reader.line_num}: invalid CSV ({error})") from None
+        except UnicodeDecodeError as error:
+            raise DataError(f"{file}: not UTF-8 text (near line {reader.line_num + 1}: {error.reason})") from None
     return records
 
 
-def _read_parquet(file: Path) -> list[Record]:
+def _read_parquet(file: Path, bad_rows: BadRows) -> list[Record]:
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow is in the `data` extra

@@ -108,6 +108,19 @@ def copy_if_present(src: str | os.PathLike, dst: str | os.PathLike, names: tuple
     return copied
 
 
+def copy_model_extras(src: str | os.PathLike, dst: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None):
+    """The tokenizer (from `tokenizer_from` when it has tokenizer files, else from `src`) and generation config
+    of a model into `dst`; a GGUF source's tokenizer is written out as transformers tokenizer files."""
+    from ..loading.model_files import save_tokenizer
+
+    if tokenizer_from is not None and any((Path(tokenizer_from) / name).is_file() for name in TOKENIZER_FILES):
+        copy_tokenizer_files(tokenizer_from, dst)
+    elif not save_tokenizer(src, Path(dst)):
+        copy_tokenizer_files(src, dst)
+    if Path(src).is_dir():
+        copy_if_present(src, dst, ("generation_config.json",))
+
+
 def write_json(path: Path, obj: dict) -> None:
     """Write `obj` as indented, key-sorted JSON (the layout transformers uses)."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -18,10 +18,8 @@ import numpy as np
 import torch
 
 from ..loading import read_adapter
+from ..loading.adapter_files import check_adapter_fits, linear_shapes
 from ..loading.skeleton import skeleton_from_dir
-from ..modules import linear_layers
-from ..modules.linear_layers import linear_features
-from .adapter_fit import check_adapter_fits
 from .atomic import staged_output
 from .gguf_export import GGUFExportError, _import_gguf, llama_permute, model_arch
 from .quantize_checkpoint import read_config_json
@@ -73,7 +71,7 @@ def export_gguf_lora(adapter_dir: str | os.PathLike, out: str | os.PathLike, bas
     if lora.use_dora:
         raise GGUFExportError(f"{adapter.path}: DoRA adapters cannot be expressed as a llama.cpp LoRA; merge and export instead")
     skeleton = skeleton_from_dir(base)
-    check_adapter_fits(adapter, {n: linear_features(m) for n, m in linear_layers(skeleton).items()}, base)
+    check_adapter_fits(adapter, linear_shapes(skeleton), base)
     arch = getattr(gguf.MODEL_ARCH, arch_name)
     tensors = _lora_tensors(adapter, config, permute, gguf.get_tensor_name_map(arch, config["num_hidden_layers"]))
     alpha = lora.alpha * math.sqrt(lora.r) if lora.use_rslora else lora.alpha

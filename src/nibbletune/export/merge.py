@@ -25,29 +25,28 @@ import torch
 
 from ..errors import FormatError, NibbletuneError
 from ..loading import read_adapter
+from ..loading.adapter_files import check_adapter_fits, linear_shapes
+from ..loading.base_record import BaseQuantRecord, recorded_base_quantization
+from ..loading.model_files import open_weights
 from ..loading.model_location import resolve_model_dir
-from ..loading.safetensors_io import open_checkpoint
 from ..loading.skeleton import skeleton_from_dir
 from ..loading.surgery import checkpoint_sources
 from ..modules import four_bit_layer_names, linear_layers
-from ..modules.linear_layers import linear_features, to_linear_layout
+from ..modules.linear_layers import to_linear_layout
 from ..modules.loftq import read_loftq_note
 from ..native import return_freed_memory
 from ..quant import QuantSettings, from_bnb_state_dict, quantize
 from ..quant.bnb_format import bnb_state_keys, is_bnb_quantized
-from .adapter_fit import check_adapter_fits, merged_lora_weight
+from .adapter_fit import merged_lora_weight
 from .atomic import (
     DEFAULT_SHARD_BYTES,
-    TOKENIZER_FILES,
     ShardWriter,
     check_output,
-    copy_if_present,
-    copy_tokenizer_files,
+    copy_model_extras,
     staged_output,
     write_json,
 )
 from .quantize_checkpoint import read_config_json
-from .training_record import BaseQuantRecord, recorded_base_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def merge(
     """Merge `adapter` into `base`, write a plain checkpoint to `out`, verify it, return a report.
 
     The base quantization training used is read from the adapter directory
-    (`training_record.recorded_base_quantization`: nibbletune.json, else the run's config.yaml,
+    (`loading.base_record.recorded_base_quantization`: nibbletune.json, else the run's config.yaml,
     else defaults); `quant` replaces it. Adapters are read by `loading.read_adapter`, so merge
     refuses exactly what `load_adapter` (generate, resume) refuses.
     Raises FormatError / AdapterMismatchError before anything is written when the inputs do not
@@ -111,11 +110,11 @@ def merge(
 
     skeleton = skeleton_from_dir(source, trust_remote_code)
     linear_modules = linear_layers(skeleton)
-    check_adapter_fits(lora, {n: linear_features(m) for n, m in linear_modules.items()}, source)
+    check_adapter_fits(lora, linear_shapes(skeleton), source)
     # linears training ran in 4 bits from full-precision weights (a 4-bit base is decoded as stored)
     decoded_as_stored = base_16bit or base_is_4bit or record.settings is None
     trained_4bit = set() if decoded_as_stored else set(four_bit_layer_names(skeleton, record.settings.skip_modules))
-    checkpoint = open_checkpoint(source)
+    checkpoint = open_weights(source)
     sources = checkpoint_sources(skeleton, checkpoint.keys())  # model name -> key (prefix-less keys included)
     module_of = {key: name.removesuffix(".weight") for name, key in sources.items()}
     missing = [m for m in lora.modules if f"{m}.weight" not in sources]
@@ -148,9 +147,7 @@ def merge(
         raw_config["dtype"] = out_dtype_name
         raw_config.pop("torch_dtype", None)
         write_json(staging / "config.json", raw_config)
-        tokenizer_source = Path(adapter) if any((Path(adapter) / n).is_file() for n in TOKENIZER_FILES) else base
-        copy_tokenizer_files(tokenizer_source, staging)
-        copy_if_present(base, staging, ("generation_config.json",))
+        copy_model_extras(base, staging, tokenizer_from=adapter)
         verification = None
         if verify:
             from .verify import check_merged

@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError, QuantizationError
-from ..loading.json_files import read_json_file
+from ..loading.model_files import config_dict, open_weights
 from ..loading.model_location import resolve_model_dir
-from ..loading.safetensors_io import open_checkpoint
 from ..loading.skeleton import skeleton_from_dir
 from ..loading.surgery import checkpoint_sources
 from ..modules import four_bit_layer_names
@@ -36,8 +35,7 @@ from ..quant import QuantSettings, quantize, to_bnb_state_dict
 from .atomic import (
     DEFAULT_SHARD_BYTES,
     ShardWriter,
-    copy_if_present,
-    copy_tokenizer_files,
+    copy_model_extras,
     staged_output,
     write_json,
 )
@@ -59,8 +57,9 @@ class QuantizeReport:
 
 
 def read_config_json(root: Path) -> dict:
-    """The raw config.json of a model directory as a dict (FormatError if missing or invalid)."""
-    return read_json_file(Path(root), "config.json", "a transformers model directory")
+    """The raw config.json of a model directory as a dict (FormatError if missing or invalid); for a GGUF
+    base, the config transformers builds from its metadata."""
+    return config_dict(root)
 
 
 def _default_compute_dtype(raw_config: dict) -> str:
@@ -94,7 +93,7 @@ def quantize_checkpoint(
     if quant.compute_dtype == "auto":
         quant = quant.with_changes(compute_dtype=_default_compute_dtype(raw_config))
     model = skeleton_from_dir(src, trust_remote_code)
-    checkpoint = open_checkpoint(src)  # every header checked before anything is written
+    checkpoint = open_weights(src)  # every header checked before anything is written
     sources = checkpoint_sources(model, checkpoint.keys())
     wanted = {f"{name}.weight": model.get_submodule(name) for name in four_bit_layer_names(model, quant.skip_modules)}
     missing = sorted(n for n in wanted if n not in sources)
@@ -137,8 +136,7 @@ def quantize_checkpoint(
             recorded = quant.with_changes(skip_modules=tuple(default_excluded_patterns(model)) + quant.skip_modules)
         raw_config["quantization_config"] = recorded.bnb_quantization_config()
         write_json(staging / "config.json", raw_config)
-        copy_tokenizer_files(src, staging)
-        copy_if_present(src, staging, ("generation_config.json",))
+        copy_model_extras(src, staging)
         output_bytes = writer.total_bytes
     logger.info("quantized %d linear weights, copied %d tensors", quantized, copied)
     return QuantizeReport(Path(out), quantized, copied, source_bytes, output_bytes)

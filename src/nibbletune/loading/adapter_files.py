@@ -21,7 +21,8 @@ An adapter directory holds
   (the first release) had the same keys.
 
 Everything that reads an adapter (`load_adapter` for generate and training resume, `merge`, the
-GGUF adapter export) goes through `read_adapter`, so they accept and refuse the same files.
+GGUF adapter export, eval) goes through `read_adapter`, so they accept and refuse the same files;
+`check_adapter_fits` is the one check that an adapter belongs to a base.
 """
 
 from __future__ import annotations
@@ -169,3 +170,31 @@ def read_sidecar(adapter_dir: str | os.PathLike) -> tuple[bool, QuantSettings | 
         return True, QuantSettings.from_record(record["base_quantization"], source=f"{path}: 'base_quantization'")
     except NibbletuneError as exc:
         raise FormatError(str(exc)) from None
+
+
+class AdapterMismatchError(NibbletuneError, ValueError):
+    """An adapter that does not fit the base model (other architecture or sizes)."""
+
+
+def check_adapter_fits(adapter: AdapterFiles, shapes: dict[str, tuple[int, int]], base: str | os.PathLike) -> None:
+    """Every adapter target must be a linear of the base with matching (out, in) sizes."""
+    for module, pair in adapter.modules.items():
+        if module not in shapes:
+            raise AdapterMismatchError(
+                f"{adapter.path}: adapter targets '{module}', which is not a linear layer of {base} "
+                "(adapter trained for another base model?)"
+            )
+        out_features, in_features = shapes[module]
+        if pair.lora_A.shape[1] != in_features or pair.lora_B.shape[0] != out_features:
+            raise AdapterMismatchError(
+                f"{adapter.path}: '{module}' expects a {pair.lora_B.shape[0]}x{pair.lora_A.shape[1]} weight but "
+                f"{base} has {out_features}x{in_features} (adapter trained for another base model?)"
+            )
+
+
+def linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear layer of `model` (a loaded model or a skeleton), by path: what
+    `check_adapter_fits` compares an adapter with."""
+    from ..modules.linear_layers import linear_features, linear_layers
+
+    return {path: linear_features(module) for path, module in linear_layers(model).items()}

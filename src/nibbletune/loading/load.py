@@ -35,8 +35,10 @@ from ..modules.linear_layers import is_linear_module, linear_features, sixteen_b
 from ..native import return_freed_memory
 from ..quant import QuantSettings, from_bnb_state_dict, quantize
 from ..quant.bnb_format import QUANT_STATE_KEY, bnb_state_keys, is_bnb_quantized, unpack_json
+from .gguf_metadata import gguf_tokenizer
 from .model_config import load_config, model_class_for, pop_bnb_config
-from .model_location import resolve_model_dir
+from .model_files import open_weights
+from .model_location import gguf_file, resolve_model_dir
 from .safetensors_io import Checkpoint, open_checkpoint
 from .skeleton import build_skeleton
 from .surgery import checkpoint_sources, meta_tensor_names, persistent_tensor_names, set_tensor
@@ -97,7 +99,7 @@ def load_model(
     dtype = quant.torch_compute_dtype()
     config = load_config(root, trust_remote_code)
     bnb_config = pop_bnb_config(config, root)
-    checkpoint = open_checkpoint(root)  # validates every header before anything is built
+    checkpoint = open_weights(root, config)  # validates every header before anything is built
     with checkpoint:
         model = build_skeleton(config, model_class_for(config, model_class), dtype, trust_remote_code, root)
         selected = [] if bnb_config else four_bit_layer_names(model, quant.skip_modules)
@@ -224,10 +226,14 @@ def _load_linear(model, checkpoint, plan: _LinearPlan, dtype: torch.dtype, quant
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
-    """The tokenizer saved beside a model (transformers AutoTokenizer, local files or a Hub id's snapshot)."""
+    """The tokenizer saved beside a model (transformers AutoTokenizer, local files or a Hub id's snapshot), or
+    the one a GGUF file's metadata holds."""
     from transformers import AutoTokenizer
 
     root = resolve_model_dir(path)
+    gguf = gguf_file(root)
+    if gguf is not None:
+        return gguf_tokenizer(gguf)
     if not root.is_dir():
         raise FormatError(f"{root}: not a directory")
     try:
@@ -248,11 +254,15 @@ def load_unquantized(path: str | os.PathLike, dtype: torch.dtype, trust_remote_c
     if getattr(config, "quantization_config", None) is not None:
         raise FormatError(f"{root}: a 4-bit checkpoint cannot be trained in 16 bits; use method qlora, or its "
                           "full-precision original")
-    open_checkpoint(root).close()  # the same header checks (and pickle refusal) as load_model
     cls = model_class_for(config)
+    gguf = gguf_file(root)
+    if gguf is None:
+        open_checkpoint(root).close()  # the same header checks (and pickle refusal) as load_model
+        source = {"pretrained_model_name_or_path": root, "use_safetensors": True}
+    else:  # transformers dequantizes the whole file: fine for a base that is kept in 16 bits anyway
+        source = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
     try:
-        model = cls.from_pretrained(root, config=config, dtype=dtype, use_safetensors=True,
-                                    trust_remote_code=trust_remote_code)
+        model = cls.from_pretrained(**source, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FormatError(f"{root}: cannot load the model ({first_line})") from None

@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 from ..errors import FormatError, NibbletuneError
+from .gguf_metadata import gguf_config
 from .json_files import read_json_file
-from .model_location import resolve_model_dir
+from .model_location import gguf_file, resolve_model_dir
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -19,12 +20,16 @@ class UnsupportedModelError(NibbletuneError, ValueError):
 def load_config(root: str | os.PathLike, trust_remote_code: bool = False):
     """Read `root/config.json` as a transformers config; refuse unknown types and unrequested remote code.
 
-    `root` may also be a Hugging Face Hub id (see `model_location.resolve_model_dir`).
+    `root` may also be a Hugging Face Hub id (see `model_location.resolve_model_dir`), or a GGUF
+    file (or a directory holding one), whose config transformers builds from the file's metadata.
     """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     root = resolve_model_dir(root)
+    gguf = gguf_file(root)
+    if gguf is not None:
+        return gguf_config(gguf)
     config_file = root / "config.json"
     raw = read_json_file(root, "config.json", "a transformers model directory")
     model_type = raw.get("model_type")

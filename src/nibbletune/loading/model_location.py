@@ -43,3 +43,21 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FormatError(f"{name}: not a local directory, and fetching it from the Hugging Face Hub failed "
                           f"({type(exc).__name__}: {detail})") from None
+
+
+def gguf_file(location: Path) -> Path | None:
+    """The GGUF file a model location stands for: the location itself when it is a `.gguf` file, or the
+    one `.gguf` file of a directory that holds no config.json; None for a transformers directory.
+
+    FormatError when a directory without config.json holds several GGUF files (which one is meant?).
+    """
+    location = Path(location)
+    if location.is_file():
+        return location if location.suffix == ".gguf" else None
+    if not location.is_dir() or (location / "config.json").is_file():
+        return None
+    found = sorted(location.glob("*.gguf"))
+    if len(found) > 1:
+        raise FormatError(f"{location}: holds {len(found)} GGUF files ({', '.join(p.name for p in found[:3])}); "
+                          "name the one to use as the model path")
+    return found[0] if found else None

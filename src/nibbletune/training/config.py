@@ -34,8 +34,12 @@ class DataConfig(_Section):
 
     path: str = Field(description="training file (jsonl, json, csv, parquet) or a directory of them")
     eval_path: str | None = Field(None, description="held-out file for eval loss and perplexity; none to skip eval")
-    format: Literal["auto", "text", "completion", "alpaca", "chat"] = Field(
+    format: Literal["auto", "text", "completion", "alpaca", "chat", "sharegpt"] = Field(
         "auto", description="record layout; auto detects it from the columns")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="a row that cannot be read or used (invalid or truncated JSON, missing or mistyped "
+        "columns, refused by the chat template): error stops, naming its file and line or byte offset; skip leaves "
+        "it out, counts it and warns with the first few")
 
 
 class QuantConfig(_Section):

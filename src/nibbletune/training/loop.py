@@ -131,7 +131,7 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.tokenizer = load_tokenizer(config.model)
         build = {"tokenizer": self.tokenizer, "seq_len": config.train.seq_len, "format": config.data.format,
-                 "packing": config.train.packing}
+                 "packing": config.train.packing, "on_bad_rows": config.data.on_bad_rows}
         self.train_data = build_dataset(config.data.path, **build)
         if not self.train_data.examples:
             raise ConfigError(f"'data.path' {config.data.path}: no training examples")

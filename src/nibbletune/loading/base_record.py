@@ -3,7 +3,7 @@
 In order: the adapter's `nibbletune.json` (written by `save_adapter`), the training run's
 `config.yaml` (its `quant` section) in the same directory, a checkpoint's `trainer_state.json`
 (`config.quant`), else the defaults (nf4, blocksize 64, double quant), said so in `describe()`.
-`merge` and `generate` both use it, so they rebuild the same base.
+`merge`, `generate` and `eval` all use it, so they rebuild the same base.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError, NibbletuneError
-from ..loading.adapter_files import SIDECAR_NAME, read_sidecar
 from ..quant import QuantSettings
+from .adapter_files import SIDECAR_NAME, read_sidecar
 
 DEFAULTS_SOURCE = "defaults"
 
@@ -83,3 +83,11 @@ def _training_quant_section(root: Path) -> tuple[dict | None, str]:
     except (OSError, ValueError, AttributeError, yaml.YAMLError) as exc:
         raise FormatError(f"{root}: cannot read the training config recorded with the adapter ({exc})") from None
     return None, ""
+
+
+def recorded_compute_dtype(adapter_dir: str | os.PathLike) -> str | None:
+    """`quant.compute_dtype` of the training config saved beside the adapter (None without one): the
+    compute dtype of a run whose base had no 4-bit linears, which `nibbletune.json` does not record."""
+    section, _ = _training_quant_section(Path(adapter_dir))
+    value = (section or {}).get("compute_dtype")
+    return value if isinstance(value, str) else None
