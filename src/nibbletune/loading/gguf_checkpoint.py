@@ -8,8 +8,8 @@ tensor processor undoes what llama.cpp's converter did (the Llama q/k row permut
 norm offset); its name map (`get_gguf_hf_weights_map`, built from a weightless skeleton) gives
 each GGUF tensor its transformers name. `GGUFCheckpoint` has the interface of
 `safetensors_io.Checkpoint`, so `load_model`, `merge` and `quantize` stream a GGUF base exactly
-like a safetensors one: peak memory is the 4-bit model plus one float32 tensor, and the pages of
-each tensor read are handed back to the kernel afterwards.
+like a safetensors one: peak memory is the 4-bit model plus one float32 tensor, and each tensor is
+read through its own short-lived memory map.
 
 A base that is already 4-bit in GGUF (Q4_1, Q4_K_M) is quantized a second time when it is loaded
 in NF4: the NF4 codes approximate the dequantized GGUF weights, not the original ones.
@@ -17,7 +17,6 @@ in NF4: the NF4 codes approximate the dequantized GGUF weights, not the original
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,14 +36,30 @@ _ONE_TO_ONE_PROCESSORS = ("TensorProcessor", "LlamaTensorProcessor", "Gemma2Tens
 
 
 @dataclass(frozen=True)
-class _Index:
-    """What opening a GGUF file costs once: the parsed reader, transformers' processor and name map, and
-    the tensor table under transformers names."""
+class _StoredTensor:
+    """Where one tensor's bytes are in the file and how to decode them (what `GGUFReader` found)."""
 
-    reader: object
+    gguf_name: str
+    offset: int
+    dtype: np.dtype
+    """The element type of the stored array: uint8 for quantized blocks, float16/float32 otherwise."""
+    data_shape: tuple[int, ...]
+    """The stored array's shape (quantized types: rows of block bytes)."""
+    tensor_type: object
+    """The gguf.GGMLQuantizationType."""
+
+
+@dataclass(frozen=True)
+class _Index:
+    """What opening a GGUF file costs once: transformers' processor and name map, and where each tensor is.
+
+    The parsed `GGUFReader` itself is not kept: its metadata (a whole vocabulary as Python objects)
+    would stay resident through training for nothing.
+    """
+
     processor: object
     names: dict
-    tensors: dict
+    stored: dict
     infos: dict
 
 
@@ -70,30 +85,32 @@ def _index(version: tuple[str, int, int]) -> _Index:
     processor = processor_class(config=config.to_dict())
     skeleton = build_skeleton(config, model_class_for(config), torch.float32)
     names = get_gguf_hf_weights_map(skeleton, processor)  # GGUF name -> transformers name
-    tensors, infos = {}, {}
+    stored, infos = {}, {}
     for tensor in reader.tensors:
         name = names.get(tensor.name)
         if name is None:
             continue  # e.g. llama.cpp's precomputed rope_freqs
         shape = torch.Size(int(size) for size in reversed(tensor.shape.tolist()))  # GGUF lists ne0 first
-        tensors[name] = tensor
+        stored[name] = _StoredTensor(tensor.name, int(tensor.data_offset), tensor.data.dtype,
+                                     tuple(int(size) for size in tensor.data.shape), tensor.tensor_type)
         infos[name] = TensorInfo(name, path, torch.float32, shape, int(tensor.data_offset), shape.numel() * 4)
-    return _Index(reader, processor, names, tensors, infos)
+    return _Index(processor, names, stored, infos)
 
 
 class GGUFCheckpoint:
     """The tensors of one GGUF file under their transformers names, read one at a time (float32).
 
     Opening a file parses its metadata once per process (the index is cached by path, size and
-    mtime); `config` is accepted for the interface's sake and not needed.
+    mtime); each tensor is then read through its own short-lived memory map, so no page of the
+    file stays resident. `config` is accepted for the interface's sake and not needed.
     """
 
     def __init__(self, path: Path, config=None):
         self.path = Path(path)
         self.files = [self.path]
         index = _index(file_version(self.path))
-        self._reader, self._processor, self._names = index.reader, index.processor, index.names
-        self._tensors, self.infos = index.tensors, dict(index.infos)
+        self._processor, self._names, self._stored = index.processor, index.names, index.stored
+        self.infos = dict(index.infos)
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos
@@ -105,39 +122,29 @@ class GGUFCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         """Read, dequantize and process one tensor into a fresh float32 CPU tensor."""
         gguf = import_gguf()
-        tensor = self._tensors.get(name)
-        if tensor is None:
+        stored = self._stored.get(name)
+        if stored is None:
             raise FormatError(f"tensor '{name}' is not in {self.path}")
+        data = np.memmap(self.path, dtype=stored.dtype, mode="r", offset=stored.offset, shape=stored.data_shape)
         try:
-            weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            weights = gguf.quants.dequantize(data, stored.tensor_type)
         except (NotImplementedError, ValueError) as exc:
-            raise FormatError(f"{self.path}: cannot dequantize '{tensor.name}' ({tensor.tensor_type.name}: {exc})") from None
-        result = self._processor.process(weights=weights, name=tensor.name, tensor_key_mapping=self._names,
+            raise FormatError(f"{self.path}: cannot dequantize '{stored.gguf_name}' "
+                              f"({stored.tensor_type.name}: {exc})") from None
+        result = self._processor.process(weights=weights, name=stored.gguf_name, tensor_key_mapping=self._names,
                                          parsed_parameters={"tensors": {}})
         weights = result.weights
         if weights.dtype != np.float32 or not weights.flags.owndata or not weights.flags.writeable:
             weights = np.array(weights, dtype=np.float32)  # F32 tensors decode to views of the memory map
+        del data
         value = torch.from_numpy(weights)
-        self._release(tensor)
         shape = self.infos[name].shape
         if value.shape != shape:
             value = value.reshape(shape)
         return value
 
-    def _release(self, tensor) -> None:
-        """Hand the file pages of `tensor` back to the kernel (they would otherwise stay resident)."""
-        mapping = getattr(self._reader.data, "_mmap", None)
-        if mapping is None or not hasattr(mapping, "madvise"):
-            return
-        start = int(tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
-        length = int(tensor.data_offset) + int(tensor.n_bytes) - start
-        try:
-            mapping.madvise(mmap.MADV_DONTNEED, start, length)
-        except (OSError, ValueError, AttributeError):
-            pass
-
     def close(self) -> None:
-        """Nothing to release between tensors; the memory map closes with the reader."""
+        """Nothing to release: each tensor's memory map closes once it is decoded."""
 
     def __enter__(self) -> GGUFCheckpoint:
         return self
