@@ -97,6 +97,24 @@ def _index(version: tuple[str, int, int]) -> _Index:
     return _Index(processor, names, stored, infos)
 
 
+DEQUANTIZE_CHUNK_ELEMENTS = 1 << 22
+
+
+def _dequantize_rows(gguf, data: np.ndarray, tensor_type, shape: tuple[int, ...]) -> np.ndarray:
+    """`gguf.quants.dequantize` of a stored tensor, a block of rows at a time into one float32 array.
+
+    The package's decoders make several float32 temporaries the size of their input (1.6 GB at the
+    peak for Gemma 3's 262k x 640 embedding in one go); in blocks of rows they stay small.
+    """
+    if len(shape) != 2 or len(data.shape) != 2 or shape[0] * shape[1] <= DEQUANTIZE_CHUNK_ELEMENTS:
+        return gguf.quants.dequantize(data, tensor_type)
+    out = np.empty(shape, dtype=np.float32)
+    rows = max(1, DEQUANTIZE_CHUNK_ELEMENTS // shape[1])
+    for start in range(0, shape[0], rows):
+        out[start:start + rows] = gguf.quants.dequantize(data[start:start + rows], tensor_type)
+    return out
+
+
 class GGUFCheckpoint:
     """The tensors of one GGUF file under their transformers names, read one at a time (float32).
 
@@ -127,7 +145,7 @@ class GGUFCheckpoint:
             raise FormatError(f"tensor '{name}' is not in {self.path}")
         data = np.memmap(self.path, dtype=stored.dtype, mode="r", offset=stored.offset, shape=stored.data_shape)
         try:
-            weights = gguf.quants.dequantize(data, stored.tensor_type)
+            weights = _dequantize_rows(gguf, data, stored.tensor_type, tuple(self.infos[name].shape))
         except (NotImplementedError, ValueError) as exc:
             raise FormatError(f"{self.path}: cannot dequantize '{stored.gguf_name}' "
                               f"({stored.tensor_type.name}: {exc})") from None
