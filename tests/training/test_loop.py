@@ -84,14 +84,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(make_config):
     models = []
 
     def poison(model):
-        def hook(module, inputs, output):
+        def hook(module, inputs, output):  # on the decoder: the fused and the plain loss both run it
             calls["forward"] += 1
             if calls["forward"] > 2 * 5:  # grad_accum 2: forward 11 is step 6
-                output.logits = output.logits * float("nan")
+                output.last_hidden_state = output.last_hidden_state * float("nan")
             return output
 
         models.append(model)
-        model.register_forward_hook(hook)
+        model.model.register_forward_hook(hook)
 
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 6.*step-00000004"):
         run(path, hooks=TrainHooks(on_model=poison))
@@ -120,6 +120,14 @@ def test_gradient_checkpointing_same_losses(make_config):
     plain = run(make_config("plain", max_steps=2, eval_every=0)[0])
     checkpointed = run(make_config("ckpt", max_steps=2, eval_every=0, gradient_checkpointing=True)[0])
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_fused_loss_same_losses_as_plain(make_config):
+    """The default fused head + loss trains the same run as the logits path (float32: to rounding)."""
+    fused = run(make_config("fused", max_steps=3, eval_every=3)[0])
+    plain = run(make_config("unfused", max_steps=3, eval_every=3, fused_loss=False)[0])
+    assert fused.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert fused.eval_loss == pytest.approx(plain.eval_loss, rel=1e-5)
 
 
 def test_checkpoint_has_no_pickle(make_config):

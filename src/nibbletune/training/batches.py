@@ -61,16 +61,20 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list, micro_batch_size: int, pad_token_id: int, device, autocast) -> float:
-    """Mean next-token loss over every trained token of `examples`."""
+def evaluate(model, examples: list, micro_batch_size: int, pad_token_id: int, device, autocast, fused=None) -> float:
+    """Mean next-token loss over every trained token of `examples`.
+
+    `fused`: a `loss.FusedHead` of `model` to compute it without the full logits (None: through the logits).
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), micro_batch_size):
         batch = collate(examples[start:start + micro_batch_size], pad_token_id)
+        labels, inputs = batch["labels"].to(device), model_inputs(batch, device)
         with autocast():
-            logits = model(**model_inputs(batch, device)).logits
-        total += float(token_loss_sum(logits, batch["labels"].to(device)))
+            total += float(fused.loss_sum(inputs, labels) if fused is not None
+                           else token_loss_sum(model(**inputs).logits, labels))
         count += trained_tokens(batch["labels"])
     model.train(was_training)
     return total / max(count, 1)

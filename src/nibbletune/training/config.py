@@ -103,6 +103,9 @@ class TrainSection(_Section):
         "paged per step)")
     packing: bool = Field(False, description="pack several examples into each sequence")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    fused_loss: bool = Field(True, description="compute the output head and the loss together, a chunk of tokens "
+                             "at a time, never the full [tokens, vocab] logits (checked against the plain loss "
+                             "at start; models that compute logits otherwise fall back)")
     seed: int = Field(0, description="seed for adapter init, dropout and data order")
     eval_every: int = Field(0, ge=0, description="steps between eval-loss runs (and at the end); 0 = only at the end")
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only on interrupt")

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
+from ..data import collate
 from ..devices import resolve_compute_dtype
 from ..errors import NibbletuneError
-from .batches import BatchStream, evaluate, model_inputs, token_loss_sum, trained_tokens
+from .batches import BatchStream, evaluate, model_inputs, trained_tokens
 from .checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -52,6 +53,7 @@ from .config import (
     load_config,
     save_config,
 )
+from .loss import FusedHead, agrees_with_logits, loss_sum
 from .metrics import MetricsLog, format_postfix, peak_memory_bytes, plot_loss_curve, progress_bar
 from .optim import build_optimizer
 from .precision import MAX_SKIPPED_STEPS, LossScaling, autocast_factory, step_scheduler
@@ -149,6 +151,7 @@ class Trainer:
         remove_stale_temporaries(self.output_dir)
         save_config(config, self.output_dir / "config.yaml")
         self.model, self.settings = prepare_model(config, self.device)
+        self.fused = self._fused_head()
         if self.hooks.on_model:
             self.hooks.on_model(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -165,6 +168,20 @@ class Trainer:
         self.batches = BatchStream(self.train_data.examples, config.train.micro_batch_size, config.train.seed,
                                    self.pad_token_id, position=self.state.micro_batches)
         self.last_checkpoint = self.resume_from
+
+    def _fused_head(self) -> FusedHead | None:
+        """The fused head + loss when configured and it reproduces the model's own loss on a training example."""
+        if not self.config.train.fused_loss:
+            return None
+        fused = FusedHead.of(self.model)
+        if fused is not None:
+            batch = collate(self.train_data.examples[:1], self.pad_token_id)
+            with self.autocast():
+                if agrees_with_logits(self.model, fused, model_inputs(batch, self.device), batch["labels"].to(self.device)):
+                    return fused
+        print(f"nibbletune train: note: {type(self.model).__name__} does not compute its logits as lm_head(hidden); "
+              "using the plain (unfused) loss", file=sys.stderr)
+        return None
 
     def _resolve_resume(self) -> Path | None:
         if not self.resume:
@@ -199,8 +216,7 @@ class Trainer:
         for batch in micro:
             labels = batch["labels"].to(self.device)
             with self.autocast():
-                logits = self.model(**model_inputs(batch, self.device)).logits
-            loss = token_loss_sum(logits, labels) / step_tokens
+                loss = loss_sum(self.model, model_inputs(batch, self.device), labels, self.fused) / step_tokens
             self.loss_scaling.backward(loss)
             loss_total += loss.detach().double()
             mask = batch.get("attention_mask")
@@ -271,7 +287,7 @@ class Trainer:
                 if self.eval_data is not None and ((config.eval_every and self.state.step % config.eval_every == 0)
                                                    or last):
                     eval_loss = evaluate(self.model, self.eval_data.examples, config.micro_batch_size,
-                                         self.pad_token_id, self.device, self.autocast)
+                                         self.pad_token_id, self.device, self.autocast, self.fused)
                     record["eval_loss"] = eval_loss
                     record["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
                 if self.state.step % config.log_every == 0 or last or "eval_loss" in record:
