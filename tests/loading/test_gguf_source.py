@@ -76,6 +76,17 @@ def test_loaded_in_4bit_like_the_same_weights_from_safetensors(gguf_base, tmp_pa
     torch.testing.assert_close(_logits(from_gguf), _logits(from_safetensors), atol=0, rtol=0)
 
 
+def test_unquantized_gguf_base_is_plain_linears_for_lora(gguf_base):
+    """method lora / full from a GGUF: every linear a dense nn.Linear (LoRA wraps it), same logits."""
+    path, reference = gguf_base
+    model = nibbletune.loading.load_unquantized(path, torch.float32)
+    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    assert len(linears) == 15  # 7 per layer x 2 layers + the head
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    torch.testing.assert_close(_logits(model), _logits(reference), atol=0, rtol=0)
+    assert len(nibbletune.apply_lora(model, nibbletune.LoraSettings(r=4, target_modules="all-linear"))) == 14
+
+
 def test_directory_holding_one_gguf(gguf_base, tmp_path):
     path, _ = gguf_base
     (tmp_path / "one").mkdir()

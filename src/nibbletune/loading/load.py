@@ -95,14 +95,19 @@ def load_model(
     QuantizationError for weights with NaN/inf values and invalid settings.
     """
     quant = _settings(quant, quantization_config)
-    root = resolve_model_dir(path)
+    return _load(resolve_model_dir(path), quant, trust_remote_code, model_class, quantize_weight, four_bit=True)
+
+
+def _load(root: os.PathLike, quant: QuantSettings, trust_remote_code: bool, model_class, quantize_weight,
+          four_bit: bool) -> nn.Module:
+    """load_model's work; `four_bit=False` keeps every linear in the compute dtype (a GGUF base for LoRA)."""
     dtype = quant.torch_compute_dtype()
     config = load_config(root, trust_remote_code)
     bnb_config = pop_bnb_config(config, root)
     checkpoint = open_weights(root, config)  # validates every header before anything is built
     with checkpoint:
         model = build_skeleton(config, model_class_for(config, model_class), dtype, trust_remote_code, root)
-        selected = [] if bnb_config else four_bit_layer_names(model, quant.skip_modules)
+        selected = four_bit_layer_names(model, quant.skip_modules) if four_bit and not bnb_config else []
         sources, linears = _plan(model, checkpoint, selected, bnb_config is not None)
         position = {key: (str(info.file), info.offset) for key, info in checkpoint.infos.items()}
         linears.sort(key=lambda plan: position[plan.weight_key])  # read each file front to back
@@ -244,23 +249,27 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
 
 
 def load_unquantized(path: str | os.PathLike, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """A causal LM from safetensors with every weight in `dtype` (no 4-bit layers), frozen, in eval mode.
+    """A causal LM from safetensors or GGUF with every weight in `dtype` (no 4-bit layers), frozen, in eval mode.
 
-    For training methods that keep the base in 16/32 bits (`method: lora`, `method: full`); it is
-    transformers' own loader, after the same config checks as `load_model`.
+    For training methods that keep the base in 16/32 bits (`method: lora`, `method: full`). Safetensors
+    go through transformers' own loader, after the same config checks as `load_model`; a GGUF file
+    through nibbletune's streaming reader (transformers >= 5 would keep its blocks packed in its own
+    quantized linears, which LoRA cannot wrap).
     """
     root = resolve_model_dir(path)
     config = load_config(root, trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         raise FormatError(f"{root}: a 4-bit checkpoint cannot be trained in 16 bits; use method qlora, or its "
                           "full-precision original")
-    cls = model_class_for(config)
     gguf = gguf_file(root)
-    if gguf is None:
-        open_checkpoint(root).close()  # the same header checks (and pickle refusal) as load_model
-        source = {"pretrained_model_name_or_path": root, "use_safetensors": True}
-    else:  # transformers dequantizes the whole file: fine for a base that is kept in 16 bits anyway
-        source = {"pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
+    if gguf is not None:  # transformers would keep the GGUF blocks packed; nibbletune's reader dequantizes them
+        model = _load(root, QuantSettings(compute_dtype=str(dtype).removeprefix("torch.")), trust_remote_code,
+                      None, None, four_bit=False)
+        delattr(model, QUANT_SETTINGS_ATTRIBUTE)
+        return model
+    cls = model_class_for(config)
+    open_checkpoint(root).close()  # the same header checks (and pickle refusal) as load_model
+    source = {"pretrained_model_name_or_path": root, "use_safetensors": True}
     try:
         model = cls.from_pretrained(**source, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -23,8 +23,11 @@ is regenerated from its seed in backward instead of being stored, and the LoRA p
 is accumulated into g @ W in one pass (`accumulate_dropout_grad` / addmm_). Saved for backward: the
 4-bit weight's storage (or the frozen dense weight), A, B, xd and h, which is what autograd would keep.
 
-The branch runs in the adapter dtype on x cast to it and is cast to the base output's dtype
-before the sum, as PEFT does; the base runs in its compute dtype.
+Everything runs in the compute dtype: A and B (small) are cast to it, not x (large) to the adapter
+dtype as PEFT does, so a bf16 step makes no float32 copies of its activations; the gradients of A
+and B are cast back to the adapter dtype (float32 by default) for the optimizer. In float32
+compute this is PEFT's arithmetic; in bf16 the branch rounds like the base matmul does (PEFT
+under autocast does the same).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class LoraSpec(NamedTuple):
     """0 in eval mode or without dropout."""
     dropout_seed: int
     compute_dtype: torch.dtype
-    """dtype of the base matmul (the LoRA branch runs in the adapter dtype)."""
+    """dtype of the base matmul and of the LoRA branch (A and B are cast to it)."""
 
 
 FrozenWeight = QuantizedTensor | torch.Tensor
@@ -82,53 +85,51 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, spec: LoraSpec, weight: FrozenWeight):
+        with torch.autocast(x.device.type, enabled=False):  # the layer picks its own dtype
+            return LoraLinearFunction._forward(ctx, x, bias, lora_A, lora_B, spec, weight)
+
+    @staticmethod
+    def _forward(ctx, x, bias, lora_A, lora_B, spec: LoraSpec, weight: FrozenWeight):
+        dtype = spec.compute_dtype
         in_features, out_features = lora_A.shape[1], lora_B.shape[0]
         leading_shape = x.shape[:-1]
-        x2 = x.reshape(-1, in_features)
-        out = F.linear(x2.to(spec.compute_dtype), _dense(weight, spec.compute_dtype), bias)  # [T, out]
-        xd = x2.to(lora_A.dtype)
-        if spec.dropout_p > 0:
-            xd = apply_dropout(xd.contiguous(), spec.dropout_p, spec.dropout_seed)
-        h = (xd @ lora_A.t()).mul_(spec.scaling)  # [T, r]
-        if out.dtype == lora_B.dtype:
-            out.addmm_(h, lora_B.t())
-        else:
-            out += (h @ lora_B.t()).to(out.dtype)
+        x2 = x.reshape(-1, in_features).to(dtype)
+        a, b = lora_A.to(dtype), lora_B.to(dtype)  # [r, in], [out, r]: small
+        out = F.linear(x2, _dense(weight, dtype), bias)  # [T, out]
+        xd = apply_dropout(x2.contiguous(), spec.dropout_p, spec.dropout_seed) if spec.dropout_p > 0 else x2
+        h = (xd @ a.t()).mul_(spec.scaling)  # [T, r]
+        out.addmm_(h, b.t())
         weight_tensors, ctx.weight_layout = _storage(weight)
-        ctx.save_for_backward(xd, h, lora_A, lora_B, *weight_tensors)
-        ctx.spec, ctx.x_dtype, ctx.has_bias = spec, x.dtype, bias is not None
+        ctx.save_for_backward(xd, h, a, b, *weight_tensors)
+        ctx.spec, ctx.x_dtype, ctx.adapter_dtype, ctx.has_bias = spec, x.dtype, lora_A.dtype, bias is not None
         return out.reshape(*leading_shape, out_features)
 
     @staticmethod
     def backward(ctx, grad_out):
-        xd, h, lora_A, lora_B, *weight_tensors = ctx.saved_tensors
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return LoraLinearFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        xd, h, a, b, *weight_tensors = ctx.saved_tensors
         spec: LoraSpec = ctx.spec
         leading_shape = grad_out.shape[:-1]
-        g = grad_out.reshape(-1, lora_B.shape[0])
-        ga = g.to(lora_B.dtype)
-        h, xd = h.to(ga.dtype), xd.to(ga.dtype)  # under autocast, forward may have produced 16-bit h
+        g = grad_out.reshape(-1, b.shape[0]).to(spec.compute_dtype)
         grad_x = grad_bias = grad_A = grad_B = None
-        gh = (ga @ lora_B).mul_(spec.scaling)  # [T, r]
+        gh = (g @ b).mul_(spec.scaling)  # [T, r]
         if ctx.needs_input_grad[2]:
-            grad_A = gh.t() @ xd
+            grad_A = (gh.t() @ xd).to(ctx.adapter_dtype)
         if ctx.needs_input_grad[3]:
-            grad_B = ga.t() @ h
+            grad_B = (g.t() @ h).to(ctx.adapter_dtype)
         if ctx.needs_input_grad[0]:
             weight = _dense(_rebuild(tuple(weight_tensors), ctx.weight_layout), spec.compute_dtype)
-            grad_x = g.to(spec.compute_dtype) @ weight  # [T, in]
+            grad_x = g @ weight  # [T, in]
             del weight
-            same_dtype = grad_x.dtype == lora_A.dtype
             if spec.dropout_p > 0:
-                lora_grad = gh @ lora_A
-                if same_dtype:
-                    accumulate_dropout_grad(grad_x, lora_grad, spec.dropout_p, spec.dropout_seed)
-                else:
-                    grad_x += apply_dropout(lora_grad, spec.dropout_p, spec.dropout_seed).to(grad_x.dtype)
-            elif same_dtype:
-                grad_x.addmm_(gh, lora_A)
+                accumulate_dropout_grad(grad_x, gh @ a, spec.dropout_p, spec.dropout_seed)
             else:
-                grad_x += (gh @ lora_A).to(grad_x.dtype)
-            grad_x = grad_x.to(ctx.x_dtype).reshape(*leading_shape, lora_A.shape[1])
+                grad_x.addmm_(gh, a)
+            grad_x = grad_x.to(ctx.x_dtype).reshape(*leading_shape, a.shape[1])
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = g.sum(0)
         return grad_x, grad_bias, grad_A, grad_B, None, None
