@@ -10,7 +10,9 @@ nibbletune's result equals bitsandbytes' bit for bit.
 
 GB/s counts bytes read (packed codes + absmax codes + nested absmax) plus bytes written.
 "fresh" allocates a new output per call (page faults included, as bitsandbytes does);
-"reused out" writes into one preallocated tensor.
+"reused out" writes into one preallocated tensor. "memcpy" copies a tensor of the output's size
+and dtype into a reused one (torch's copy_, read + write counted): the machine's memory bandwidth
+for that output, which a decoder writing the same bytes can at best approach.
 """
 
 from __future__ import annotations
@@ -68,20 +70,23 @@ def _bench_size(shape: tuple[int, int], reps: int) -> list[tuple]:
         bnb_state = copy.copy(state)
         bnb_state.dtype = dtype
         out = torch.empty(shape, dtype=dtype)
+        copy_source, copy_target = torch.ones(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
         same = torch.equal(bnbf.dequantize_4bit(packed, bnb_state), qt.dequantize(dtype))
         methods = {
             "bitsandbytes": lambda: bnbf.dequantize_4bit(packed, bnb_state),
             "nibbletune": lambda: qt.dequantize(dtype),
             "nibbletune (reused out)": lambda: qt.dequantize(dtype, out=out),
             "torch fallback": lambda: dequantize_torch(qt, dtype),
+            "memcpy": lambda: copy_target.copy_(copy_source),
         }
         seconds = _median_seconds(methods, reps, slow=("torch fallback",))
         total_bytes = read_bytes + numel * out.element_size()
         for name, sec in seconds.items():
+            moved = 2 * numel * out.element_size() if name == "memcpy" else total_bytes
             rows.append((
                 f"{shape[0]}x{shape[1]}", str(dtype).replace("torch.", ""), name, sec * 1e3,
-                numel / sec / 1e9, total_bytes / sec / 1e9, seconds["bitsandbytes"] / sec,
-                "" if name.startswith(("bitsandbytes", "torch")) else ("yes" if same else "NO"),
+                numel / sec / 1e9, moved / sec / 1e9, seconds["bitsandbytes"] / sec,
+                "" if name.startswith(("bitsandbytes", "torch", "memcpy")) else ("yes" if same else "NO"),
             ))
     return rows
 

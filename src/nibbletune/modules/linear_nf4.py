@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import FormatError
 from ..quant import QuantizedTensor, QuantSettings, from_bnb_state_dict, quantize, to_bnb_state_dict
 from ..quant.bnb_format import bnb_state_keys, is_bnb_quantized
+from ..quant.scratch import dequantize_scratch
 from ..quant.tensor import QuantLayout
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,14 +51,14 @@ class _NF4LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight: QuantizedTensor, bias, compute_dtype):
         ctx.save_for_backward(*weight.storage)
         ctx.layout, ctx.compute_dtype, ctx.has_bias = weight.layout, compute_dtype, bias is not None
-        return F.linear(x, weight.dequantize(compute_dtype), bias)  # dequantized: [out, in]
+        return F.linear(x, dequantize_scratch(weight, compute_dtype), bias)  # dequantized: [out, in]
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             weight = QuantizedTensor.from_storage(ctx.layout, ctx.saved_tensors)
-            grad_x = grad_out @ weight.dequantize(ctx.compute_dtype)  # [..., out] @ [out, in] -> [..., in]
+            grad_x = grad_out @ dequantize_scratch(weight, ctx.compute_dtype)  # [..., out] @ [out, in] -> [..., in]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias, None

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import QuantizedTensor
+from ..quant.scratch import dequantize_scratch
 from ..quant.tensor import QuantLayout
 from .dropout import accumulate_dropout_grad, apply_dropout
 
@@ -69,9 +70,9 @@ def _rebuild(saved: tuple[torch.Tensor, ...], layout: QuantLayout | None) -> Fro
 
 
 def _dense(weight: FrozenWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen weight as a dense `dtype` tensor [out, in] (dequantized when 4-bit)."""
+    """The frozen weight as a dense `dtype` tensor [out, in]; when 4-bit, a scratch buffer valid for one matmul."""
     if isinstance(weight, QuantizedTensor):
-        return weight.dequantize(dtype)
+        return dequantize_scratch(weight, dtype)
     return weight.to(dtype)
 
 
