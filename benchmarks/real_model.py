@@ -176,7 +176,7 @@ def print_table(name: str, results: dict, tokens_per_step: int) -> None:
     hf = results.get("hf", {})
     floor = results.get("floor", {})
     print(f"\n{name}")
-    print(f"| column | s/step | tokens/s | HF / this | this / floor | peak RSS GiB | vs HF RSS | load s |")
+    print("| column | s/step | tokens/s | HF / this | this / floor | peak RSS GiB | vs HF RSS | load s |")
     print("|---|---|---|---|---|---|---|---|")
     for column, result in results.items():
         if "error" in result:
