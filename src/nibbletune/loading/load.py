@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..devices import dtype_name
 from ..errors import FormatError, NibbletuneError, QuantizationError
 from ..modules import LinearNF4, four_bit_layer_names
 from ..modules.inject import set_submodule
@@ -95,12 +96,15 @@ def load_model(
     QuantizationError for weights with NaN/inf values and invalid settings.
     """
     quant = _settings(quant, quantization_config)
-    return _load(resolve_model_dir(path), quant, trust_remote_code, model_class, quantize_weight, four_bit=True)
+    model, quant = _load(resolve_model_dir(path), quant, trust_remote_code, model_class, quantize_weight, four_bit=True)
+    setattr(model, QUANT_SETTINGS_ATTRIBUTE, quant.resolved())
+    return model
 
 
 def _load(root: os.PathLike, quant: QuantSettings, trust_remote_code: bool, model_class, quantize_weight,
-          four_bit: bool) -> nn.Module:
-    """load_model's work; `four_bit=False` keeps every linear in the compute dtype (a GGUF base for LoRA)."""
+          four_bit: bool) -> tuple[nn.Module, QuantSettings]:
+    """load_model's work: (the model, the settings its 4-bit layers hold); `four_bit=False` keeps every
+    linear in the compute dtype (a GGUF base for LoRA)."""
     dtype = quant.torch_compute_dtype()
     config = load_config(root, trust_remote_code)
     bnb_config = pop_bnb_config(config, root)
@@ -130,9 +134,8 @@ def _load(root: os.PathLike, quant: QuantSettings, trust_remote_code: bool, mode
         stored = QuantSettings.from_bnb_config(bnb_config)
         quant = stored.with_changes(compute_dtype=quant.compute_dtype,
                                     skip_modules=tuple(sorted(sixteen_bit_layer_names(model))))
-    setattr(model, QUANT_SETTINGS_ATTRIBUTE, quant.resolved())
     return_freed_memory()
-    return model
+    return model, quant
 
 
 def _settings(quant: QuantSettings | None, quantization_config: Any) -> QuantSettings:
@@ -263,9 +266,8 @@ def load_unquantized(path: str | os.PathLike, dtype: torch.dtype, trust_remote_c
                           "full-precision original")
     gguf = gguf_file(root)
     if gguf is not None:  # transformers would keep the GGUF blocks packed; nibbletune's reader dequantizes them
-        model = _load(root, QuantSettings(compute_dtype=str(dtype).removeprefix("torch.")), trust_remote_code,
-                      None, None, four_bit=False)
-        delattr(model, QUANT_SETTINGS_ATTRIBUTE)
+        model, _ = _load(root, QuantSettings(compute_dtype=dtype_name(dtype)), trust_remote_code, None, None,
+                         four_bit=False)
         return model
     cls = model_class_for(config)
     open_checkpoint(root).close()  # the same header checks (and pickle refusal) as load_model

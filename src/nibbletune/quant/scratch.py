@@ -3,8 +3,8 @@
 A training step dequantizes every frozen weight twice (forward and backward) and drops the copy
 right after its matmul. Allocating that copy anew each time costs more than decoding it: large
 allocations come straight from the OS as fresh pages, and the first write to each page faults
-(benchmarks/dequant.py: 1.8 Gparam/s into fresh memory vs 9.5 into a reused tensor at 4096x4096
-on a 2-core AVX512 CPU). So the layers decode into one buffer per weight shape, reused by every
+(`python benchmarks/dequant.py --quick`, 4096x4096 to bf16 on a 2-core AVX512 CPU: 1.0 Gparam/s
+into fresh memory, 2.3 into a reused tensor). So the layers decode into one buffer per weight shape, reused by every
 layer of that shape.
 
 The result is valid until the next `dequantize_scratch` call with the same shape, dtype and
