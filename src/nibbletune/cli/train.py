@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 
 
@@ -49,6 +50,8 @@ def run(args) -> int:
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
         return 0
     result = train(config, resume=args.resume, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for the job
+        return 0
     summary = f"trained {result.steps} steps in {result.wall_seconds:.1f} s; final loss {result.final_loss:.4f}"
     if result.eval_loss is not None:
         summary += f"; eval loss {result.eval_loss:.4f}"

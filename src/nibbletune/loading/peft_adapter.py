@@ -70,11 +70,16 @@ def adapter_config(model: nn.Module, settings: LoraSettings, base_model_name_or_
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of every LoraLinear under their PEFT file keys (CPU, contiguous)."""
+    """The adapter tensors of every LoraLinear under their PEFT file keys (CPU, contiguous).
+
+    Sharded (FSDP2 DTensor) adapters are gathered whole, a collective every rank must join.
+    """
     tensors = {}
     for path, layer in lora_layers(model).items():
         for name, value in layer.adapter_state_dict().items():
-            tensors[f"{KEY_PREFIX}{path}.{name}"] = value.detach().cpu().contiguous()
+            value = value.detach()
+            value = value.full_tensor() if hasattr(value, "full_tensor") else value
+            tensors[f"{KEY_PREFIX}{path}.{name}"] = value.cpu().contiguous()
     return tensors
 
 
@@ -95,16 +100,18 @@ def base_quantization(model: nn.Module) -> QuantSettings | None:
 
 
 def save_adapter(model: nn.Module, out_dir, settings: LoraSettings | None = None,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model`'s LoRA layers as a PEFT adapter directory and return its path.
 
     `settings` defaults to the ones `apply_lora` (or `load_adapter`) recorded on the model.
     Besides the PEFT files, `nibbletune.json` records the base quantization (`adapter_files.py`).
     Files are written into a temporary directory beside `out_dir` first. A new `out_dir` is
     created by one rename; an existing one gets the weights, the record, then the config moved
-    in (each an atomic replace), leaving any other files there untouched.
+    in (each an atomic replace), leaving any other files there untouched. `tensors`: the adapter
+    tensors when already gathered (`adapter_tensors` of a sharded model, called on every rank).
     """
-    tensors = adapter_tensors(model)
+    tensors = adapter_tensors(model) if tensors is None else tensors
     if not tensors:
         raise NibbletuneError("save_adapter: the model has no LoRA layers (call apply_lora first)")
     settings = settings or lora_settings_of(model)

@@ -29,13 +29,18 @@ class BatchStream:
         self._order_epoch, self._order = -1, None
 
     def next(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch, collated."""
+        return collate([self.examples[i] for i in self.next_indices()], self.pad_token_id)
+
+    def next_indices(self) -> list[int]:
+        """The example indices of the next micro-batch (fewer than micro_batch_size at an epoch's end)."""
         epoch, index = divmod(self.position, self.per_epoch)
         if epoch != self._order_epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._order, self._order_epoch = torch.randperm(len(self.examples), generator=generator).tolist(), epoch
         chosen = self._order[index * self.micro_batch_size:(index + 1) * self.micro_batch_size]
         self.position += 1
-        return collate([self.examples[i] for i in chosen], self.pad_token_id)
+        return chosen
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

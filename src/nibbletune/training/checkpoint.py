@@ -14,6 +14,10 @@ A checkpoint is a directory `output_dir/checkpoints/step-00000012/` holding
 It is written into a hidden temporary directory, fsynced, and renamed into place with
 `os.replace`, so a run killed at any moment leaves either the previous set of checkpoints or
 the new one, never a half-written directory that `latest_checkpoint` would pick.
+
+A run on several ranks writes the same files from rank 0, with its sharded adapters and optimizer
+state gathered whole first, and restores them into whatever sharding the resuming run uses; so one
+checkpoint resumes on any world size (`distributed.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from safetensors.torch import load_model as load_model_file
 from safetensors.torch import save_model as save_model_file
 
 from ..errors import FormatError
+from .distributed import shard_like, shard_optimizer_state
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -177,14 +182,18 @@ def write_loftq_note(model, directory: str | Path) -> None:
 FULL_WEIGHTS = "model.safetensors"
 
 
-def save_weights(model, directory: str | Path, settings, base_model: str) -> None:
-    """The trained weights into `directory`: the adapter (+ loftq.json) with LoRA settings, else every weight."""
+def save_weights(model, directory: str | Path, settings, base_model: str,
+                 adapter: dict[str, torch.Tensor] | None = None) -> None:
+    """The trained weights into `directory`: the adapter (+ loftq.json) with LoRA settings, else every weight.
+
+    `adapter`: the adapter tensors already gathered (`adapter_tensors`), as a sharded run passes them.
+    """
     if settings is None:
         save_model_file(model, str(Path(directory) / FULL_WEIGHTS), metadata={"format": "pt"})
         return
     from ..loading.peft_adapter import save_adapter
 
-    save_adapter(model, directory, settings, base_model)
+    save_adapter(model, directory, settings, base_model, tensors=adapter)
     write_loftq_note(model, directory)
 
 
@@ -210,11 +219,14 @@ def save_full_model(model, tokenizer, out_dir: str | Path) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, state: TrainState, model, settings, base_model: str,
-                    optimizer, scheduler, config_dict: dict, keep: int, loss_scaling=None) -> Path:
+                    optimizer, scheduler, config_dict: dict, keep: int, loss_scaling=None,
+                    gathered: tuple[dict, dict] | None = None, world_size: int = 1) -> Path:
     """Write a checkpoint for `state.step` atomically; keep the newest `keep` (0 = all).
 
     `settings`: the run's LoraSettings, or None for method full (every weight is saved).
     `loss_scaling`: the loop's `precision.LossScaling`, whose float16 scaler state is saved too.
+    `gathered`: (adapter tensors, optimizer state_dict) already gathered whole from a sharded run;
+    `world_size`: the ranks that trained it (the data position counts their global micro-batches).
     """
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -222,14 +234,16 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, settings, 
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_weights(model, tmp, settings, base_model)
-    optimizer_json, tensors = split_optimizer_state(optimizer.state_dict())
+    adapter, optimizer_state = gathered if gathered is not None else (None, optimizer.state_dict())
+    save_weights(model, tmp, settings, base_model, adapter)
+    optimizer_json, tensors = split_optimizer_state(optimizer_state)
     rng_json, rng_tensors = rng_state()
     save_file({**tensors, **rng_tensors}, str(tmp / STATE_TENSORS))
     meta = {
         "format": FORMAT_VERSION,
         "step": state.step,
         "micro_batches": state.micro_batches,
+        "world_size": world_size,
         "optimizer": optimizer_json,
         "scheduler": scheduler.state_dict(),
         "grad_scaler": loss_scaling.state_dict() if loss_scaling is not None else None,
@@ -269,7 +283,7 @@ def restore_adapter_weights(model, path: Path) -> None:
                 key = f"{KEY_PREFIX}{module_path}.{name}"
                 if key not in tensors or tensors[key].shape != param.shape:
                     raise FormatError(f"{path / WEIGHTS_NAME}: no tensor '{key}' of shape {list(param.shape)}")
-                param.copy_(tensors[key])
+                param.copy_(shard_like(tensors[key], param))
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, loss_scaling=None) -> TrainState:
@@ -281,7 +295,8 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, loss_scaling=
     else:
         restore_adapter_weights(model, path)
     tensors = load_file(str(path / STATE_TENSORS))
-    optimizer.load_state_dict(join_optimizer_state(meta["optimizer"], tensors))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.load_state_dict(shard_optimizer_state(join_optimizer_state(meta["optimizer"], tensors), params))
     scheduler.load_state_dict(meta["scheduler"])
     if loss_scaling is not None:
         loss_scaling.load_state_dict(meta.get("grad_scaler"))

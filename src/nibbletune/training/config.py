@@ -111,6 +111,12 @@ class TrainSection(_Section):
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only on interrupt")
     log_every: int = Field(1, gt=0, description="steps between metrics.jsonl lines")
     keep_checkpoints: int = Field(3, ge=0, description="newest checkpoints kept; 0 keeps all")
+    distributed: Literal["none", "ddp", "fsdp"] = Field(
+        "none", description="none: one process; ddp: every rank holds the 4-bit base, adapter gradients are "
+        "summed; fsdp: decoder layers (4-bit storage, adapters, optimizer state) sharded with FSDP2. Launch "
+        "with torchrun; micro_batch_size is per rank")
+    distributed_timeout_s: float = Field(600, gt=0, description="seconds a collective waits for the other ranks "
+                                         "before the run fails (a dead or hung rank)")
     max_seconds: float = Field(0, ge=0, description="stop after this much training time and save as at the end "
                                "(the schedule still follows max_steps); 0 = no limit")
 

@@ -30,12 +30,14 @@ from pathlib import Path
 
 import torch
 
-from ..data import collate
+from ..data import IGNORE_INDEX, collate
 from ..devices import resolve_compute_dtype
 from ..errors import NibbletuneError
+from . import distributed
 from .batches import BatchStream, evaluate, model_inputs, trained_tokens
 from .checkpoint import (
     TrainState,
+    checkpoint_root,
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint_meta,
@@ -60,7 +62,7 @@ from .precision import MAX_SKIPPED_STEPS, LossScaling, autocast_factory, step_sc
 from .schedule import build_scheduler
 from .setup import prepare_model
 
-_DATA_STREAM_KEYS = ("seed", "micro_batch_size", "seq_len", "packing")
+_DATA_STREAM_KEYS = ("seed", "seq_len", "packing")
 
 
 class TrainingDiverged(NibbletuneError, RuntimeError):
@@ -98,10 +100,11 @@ class TrainResult:
     """True when train.max_seconds stopped the run before its last step."""
 
 
-def total_steps(config: TrainConfig, num_examples: int) -> int:
+def total_steps(config: TrainConfig, num_examples: int, world_size: int = 1) -> int:
+    """Optimizer steps of the run: train.max_steps, or its epochs over `num_examples` split among `world_size` ranks."""
     if config.train.max_steps is not None:
         return config.train.max_steps
-    per_epoch = math.ceil(num_examples / config.train.micro_batch_size)
+    per_epoch = math.ceil(num_examples / (config.train.micro_batch_size * world_size))
     return max(1, math.ceil(config.train.epochs * per_epoch / config.train.grad_accum))
 
 
@@ -126,7 +129,8 @@ class Trainer:
         config = self.config
         self.output_dir = Path(config.output_dir)
         check_against_model(config, load_model_config(config.model))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = distributed.device_for(config.train.distributed, distributed.launched_world()[2])
+        self.dist = distributed.start(config, self.device)
         self.compute_dtype = resolve_compute_dtype(config.quant.compute_dtype, self.device)
         self.autocast = autocast_factory(self.device, self.compute_dtype)
         self.loss_scaling = LossScaling(self.compute_dtype, self.device)
@@ -147,15 +151,22 @@ class Trainer:
         if self.resume_from is None and earlier is not None:
             raise ConfigError(f"output_dir {self.output_dir} holds checkpoints of an earlier run (latest {earlier.name});"
                               " continue it with --resume, or choose another output_dir")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.output_dir)
-        save_config(config, self.output_dir / "config.yaml")
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.output_dir)
+            save_config(config, self.output_dir / "config.yaml")
+        distributed.check_same_everywhere(self.dist, {
+            "config": distributed.config_fingerprint(config),
+            "training data": distributed.data_fingerprint(self.train_data.examples)})
         self.model, self.settings = prepare_model(config, self.device)
+        distributed.check_same_everywhere(self.dist, {"model": distributed.model_fingerprint(self.model)})
+        distributed.shard_model(self.dist, self.model, self.device)
         self.fused = self._fused_head()
         if self.hooks.on_model:
             self.hooks.on_model(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.total_steps = total_steps(config, len(self.train_data.examples))
+        distributed.broadcast_trainable(self.dist, self.params)
+        self.total_steps = total_steps(config, len(self.train_data.examples), self.dist.world_size)
         self.optimizer = build_optimizer(config.train.optimizer, self.params, config.train.lr,
                                          config.train.weight_decay, paged_dir=str(self.output_dir))
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, config.train.warmup_steps,
@@ -165,8 +176,8 @@ class Trainer:
             self.state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.scheduler,
                                          self.loss_scaling)
             self.model.train()
-        self.batches = BatchStream(self.train_data.examples, config.train.micro_batch_size, config.train.seed,
-                                   self.pad_token_id, position=self.state.micro_batches)
+        self.batches = BatchStream(self.train_data.examples, config.train.micro_batch_size * self.dist.world_size,
+                                   config.train.seed, self.pad_token_id, position=self.state.micro_batches)
         self.last_checkpoint = self.resume_from
 
     def _fused_head(self) -> FusedHead | None:
@@ -198,36 +209,59 @@ class Trainer:
             if saved.get("train", {}).get(key) != now["train"][key]:
                 raise ConfigError(f"--resume {path}: 'train.{key}' differs from the checkpoint's run "
                                   f"({saved.get('train', {}).get(key)!r}); it must not change")
+        saved_rows = saved.get("train", {}).get("micro_batch_size", 0) * meta.get("world_size", 1)
+        rows = self.config.train.micro_batch_size * self.dist.world_size
+        if saved_rows != rows:
+            raise ConfigError(f"--resume {path}: train.micro_batch_size x ranks is {rows} but the checkpoint's run "
+                              f"had {saved_rows} sequences per micro-batch over all ranks; keep the product")
         return path
 
+    def _gathered(self) -> tuple[dict, dict] | None:
+        """(adapter tensors, optimizer state) gathered whole on a multi-rank run (every rank joins), else None."""
+        if not self.dist.enabled or self.settings is None:
+            return None
+        from ..loading.peft_adapter import adapter_tensors
+
+        return adapter_tensors(self.model), distributed.full_optimizer_state(self.optimizer)
+
     def _save(self) -> Path:
-        path = save_checkpoint(self.output_dir, self.state, self.model, self.settings, self.config.model,
-                               self.optimizer, self.scheduler, self.config.model_dump(mode="json"),
-                               self.config.train.keep_checkpoints, self.loss_scaling)
+        gathered = self._gathered()
+        path = checkpoint_root(self.output_dir) / f"step-{self.state.step:08d}"
+        if self.dist.is_main:
+            path = save_checkpoint(self.output_dir, self.state, self.model, self.settings, self.config.model,
+                                   self.optimizer, self.scheduler, self.config.model_dump(mode="json"),
+                                   self.config.train.keep_checkpoints, self.loss_scaling, gathered,
+                                   self.dist.world_size)
+        distributed.barrier(self.dist)
         self.last_checkpoint = path
         return path
 
     def _step(self) -> tuple[float, float | None, int]:
         """One optimizer step; returns (loss, grad_norm or None for a skipped float16 step, input tokens)."""
-        micro = [self.batches.next() for _ in range(self.config.train.grad_accum)]
-        step_tokens = max(1, sum(trained_tokens(b["labels"]) for b in micro))
+        distributed.reseed_dropout(self.dist, self.config.train.seed, self.state.step)
+        micro = [self._micro_batch() for _ in range(self.config.train.grad_accum)]
+        local_tokens = torch.tensor([float(sum(trained_tokens(b["labels"]) for b in micro))], dtype=torch.float64)
+        step_tokens = max(1, int(distributed.all_reduce_sum(self.dist, local_tokens.to(self.device)).item()))
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # read back once per step
         input_tokens = 0
         for batch in micro:
             labels = batch["labels"].to(self.device)
             with self.autocast():
                 loss = loss_sum(self.model, model_inputs(batch, self.device), labels, self.fused) / step_tokens
-            self.loss_scaling.backward(loss)
+            self.loss_scaling.backward(loss * distributed.backward_scale(self.dist))
             loss_total += loss.detach().double()
             mask = batch.get("attention_mask")
             input_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        loss_value = float(loss_total)
+        distributed.sum_gradients(self.dist, self.params)
+        totals = torch.stack([loss_total, torch.tensor(float(input_tokens), dtype=torch.float64, device=self.device)])
+        loss_value, input_tokens = (float(v) for v in distributed.all_reduce_sum(self.dist, totals))
+        input_tokens = int(input_tokens)
         step = self.state.step + 1
         if not math.isfinite(loss_value):
             self._diverged(f"loss is {loss_value} at step {step}")
         self.loss_scaling.unscale(self.optimizer)
         max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = distributed.gathered_grad_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(grad_norm) and not self.loss_scaling.enabled:
             self._diverged(f"gradient norm is {grad_norm} at step {step} (loss {loss_value:.4f})")
         self.step_lr = self.optimizer.param_groups[0]["lr"]
@@ -241,6 +275,14 @@ class Trainer:
         self.state.step = step
         self.state.micro_batches = self.batches.position
         return loss_value, grad_norm if applied else None, input_tokens
+
+    def _micro_batch(self) -> dict[str, torch.Tensor]:
+        """This rank's rows of the next global micro-batch (the whole micro-batch on one process)."""
+        rows, fill = distributed.rank_rows(self.batches.next_indices(), self.dist, self.config.train.micro_batch_size)
+        batch = collate([self.train_data.examples[i] for i in rows], self.pad_token_id)
+        if fill:
+            batch["labels"][-fill:] = IGNORE_INDEX
+        return batch
 
     def _diverged(self, what: str) -> None:
         kept = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved"
@@ -260,11 +302,25 @@ class Trainer:
         return signal.signal(signal.SIGINT, handler)
 
     def run(self) -> TrainResult:
+        """Set up, train to the last step (or a stop), save the adapter; returns what the run did."""
         started = time.perf_counter()
+        self.dist = distributed.DistributedRun()
+        self.last_checkpoint = None
+        try:
+            result = self._run(started)
+        except Exception as exc:
+            if self.dist.enabled and distributed.is_collective_failure(exc):
+                raise distributed.rank_failure(self.dist, exc, self.last_checkpoint) from None
+            raise
+        distributed.stop(self.dist)
+        return result
+
+    def _run(self, started: float) -> TrainResult:
         self._setup()
         config = self.config.train
-        metrics = MetricsLog(self.output_dir, resume_step=self.state.step)
-        bar = progress_bar(self.total_steps, self.state.step, self.progress)
+        main = self.dist.is_main
+        metrics = MetricsLog(self.output_dir, resume_step=self.state.step) if main else None
+        bar = progress_bar(self.total_steps, self.state.step, self.progress and main)
         previous_handler = self._install_sigint()
         losses: list[float] = []
         eval_loss = None
@@ -276,13 +332,17 @@ class Trainer:
                 loss, grad_norm, tokens = self._step()
                 seconds = time.perf_counter() - step_started
                 losses.append(loss)
+                peaks = distributed.gather_ints(self.dist, peak_memory_bytes(self.device))
                 record = {"step": self.state.step, "loss": loss, "lr": self.step_lr,
                           "grad_norm": grad_norm, "tokens_per_s": tokens / max(seconds, 1e-9),
-                          "peak_mem_bytes": peak_memory_bytes(self.device)}
+                          "peak_mem_bytes": max(peaks)}
+                if len(peaks) > 1:
+                    record["peak_mem_bytes_per_rank"] = peaks
                 if self.loss_scaling.enabled:
                     record["loss_scale"] = self.loss_scaling.scale
                     record["skipped"] = grad_norm is None
-                self.time_capped = bool(config.max_seconds) and time.perf_counter() - loop_started >= config.max_seconds
+                capped = bool(config.max_seconds) and time.perf_counter() - loop_started >= config.max_seconds
+                self.time_capped, self._stop_requested = distributed.any_rank(self.dist, capped, self._stop_requested)
                 last = self.state.step == self.total_steps or self.time_capped
                 if self.eval_data is not None and ((config.eval_every and self.state.step % config.eval_every == 0)
                                                    or last):
@@ -290,7 +350,7 @@ class Trainer:
                                          self.pad_token_id, self.device, self.autocast, self.fused)
                     record["eval_loss"] = eval_loss
                     record["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
-                if self.state.step % config.log_every == 0 or last or "eval_loss" in record:
+                if metrics is not None and (self.state.step % config.log_every == 0 or last or "eval_loss" in record):
                     metrics.write(record)
                 if bar is not None:  # tqdm adds the ETA; the postfix shows on this update's redraw
                     bar.set_postfix_str(format_postfix(loss, record["tokens_per_s"], record["peak_mem_bytes"]),
@@ -315,18 +375,25 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous_handler)
             if bar is not None:
                 bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
         self._finish()
         return TrainResult(steps=self.state.step, final_loss=losses[-1] if losses else None, eval_loss=eval_loss,
                            output_dir=self.output_dir, wall_seconds=time.perf_counter() - started, losses=losses,
                            time_capped=self.time_capped)
 
     def _finish(self) -> None:
+        gathered = self._gathered()
+        if not self.dist.is_main:
+            distributed.barrier(self.dist)
+            return
         if self.settings is None:  # method full: a model directory
             save_full_model(self.model, self.tokenizer, self.output_dir)
         else:
-            save_weights(self.model, self.output_dir, self.settings, self.config.model)
+            save_weights(self.model, self.output_dir, self.settings, self.config.model,
+                         gathered[0] if gathered else None)
         plot_loss_curve(self.output_dir)
+        distributed.barrier(self.dist)
 
 
 def train(config: TrainConfig | str | Path | dict, resume: str | None = None, progress: bool = True,
