@@ -11,3 +11,7 @@ class QuantizationError(NibbletuneError, ValueError):
 
 class FormatError(NibbletuneError, ValueError):
     """A checkpoint or state dict that does not follow the expected layout."""
+
+
+class BnbFormatUnsupportedError(QuantizationError):
+    """A quantization setting (the int4 code book) that the bitsandbytes checkpoint layout cannot hold."""

@@ -61,7 +61,7 @@ def test_nf4_order_is_identity():
 
 def test_unknown_quant_type_rejected():
     with pytest.raises(ValueError, match="quant_type"):
-        codebook("int4")
+        codebook("int8")
 
 
 def test_bits_per_parameter():

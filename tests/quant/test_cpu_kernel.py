@@ -78,7 +78,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 def test_quantized_weights_match_reference(gen, make, shape, quant_type, double_quant):
     """Odd numel, 1-D, tiny, widths not a multiple of the blocksize, one partial block."""
@@ -106,7 +106,7 @@ def test_extreme_values_from_quantize(gen, make, kind):
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 4096])
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 def test_random_bit_pattern_scales(gen, blocksize, quant_type, double_quant):
     """absmax from every float32 bit pattern: NaN, inf, -0, subnormals, values rounding to ties."""
@@ -131,7 +131,7 @@ def _rounding_edge_qts() -> list[QuantizedTensor]:
     block = torch.cat([block, (block % 16) * 16 + block // 16])
     packed = block.repeat(blocks).reshape(-1, 1)
     qts = []
-    for quant_type in ("nf4", "fp4"):
+    for quant_type in ("nf4", "fp4", "int4"):
         qts.append(QuantizedTensor(packed, absmax, torch.Size((blocks, 64)), torch.float32, 64, quant_type))
         for b in range(blocks):
             qts.append(QuantizedTensor(block[:16].reshape(-1, 1), absmax[b : b + 1], torch.Size((31,)),

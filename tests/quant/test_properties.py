@@ -11,7 +11,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from nibbletune.quant import codebook, quantize  # noqa: E402
 from nibbletune.quant.blockwise import unpack_nibbles  # noqa: E402
-from nibbletune.quant.codebooks import quantize_bounds  # noqa: E402
+from nibbletune.quant.codebooks import QUANT_TYPES, quantize_bounds  # noqa: E402
 from nibbletune.quant.reference import _scale  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -36,7 +36,7 @@ def tensors(draw, min_magnitude: float = 0.0):
     their bytes. Blocks are mixed scales: every element is a unit value times its block's scale.
     """
     dtype = draw(st.sampled_from(DTYPES))
-    quant_type = draw(st.sampled_from(["nf4", "fp4"]))
+    quant_type = draw(st.sampled_from(QUANT_TYPES))
     blocksize = draw(st.sampled_from([32, 64, 128]))
     n = draw(st.integers(1, 3 * blocksize))
     limit = LIMIT[dtype]
@@ -124,12 +124,13 @@ def test_requantizing_the_dequantized_tensor_keeps_the_codes(case, double_quant)
 
 
 @PROPERTY_SETTINGS
-@given(tensors())
-def test_fp4_is_sign_symmetric_except_on_exact_ties(case):
+@given(tensors(), st.sampled_from(["fp4", "int4"]))
+def test_symmetric_codebooks_are_sign_symmetric_except_on_exact_ties(case, quant_type):
+    """FP4 and INT4 are mirror-symmetric code books: quantizing -x gives -(the values of x), off midpoints."""
     x, _, blocksize = case
-    qt, mirrored = quantize(x, "fp4", blocksize, False), quantize(-x, "fp4", blocksize, False)
+    qt, mirrored = quantize(x, quant_type, blocksize, False), quantize(-x, quant_type, blocksize, False)
     _, scaled = _scale(x.float().reshape(-1), blocksize)
-    midpoints = quantize_bounds("fp4")[0]
+    midpoints = quantize_bounds(quant_type)[0]
     off_tie = ~(scaled[:, None] == midpoints[None, :]).any(dim=1)
     back = qt.dequantize(torch.float32).reshape(-1)
     back_mirrored = mirrored.dequantize(torch.float32).reshape(-1)

@@ -11,7 +11,7 @@ import torch
 from nibbletune.errors import QuantizationError
 from nibbletune.quant import quantize
 from nibbletune.quant.blockwise import quantize_blockwise_codes
-from nibbletune.quant.codebooks import quantize_bounds
+from nibbletune.quant.codebooks import QUANT_TYPES, quantize_bounds
 from nibbletune.quant.dequantize import dequantize_torch
 from nibbletune.quant.double_quant import compress_absmax, decompress_absmax
 from nibbletune.quant.reference import (
@@ -30,7 +30,7 @@ SHAPES = [(1,), (2,), (63,), (64,), (65,), (1000,), (7, 100), (3, 33), (16, 64),
 KINDS = ("normal", "cauchy", "zero_blocks", "huge", "subnormal", "mixed_rows", "ties", "constant")
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_production_equals_reference(make, gen, shape, dtype, quant_type):
@@ -86,7 +86,7 @@ def test_dequantize_rejects_bad_dtype(gen, dtype):
         qt.dequantize(dtype)
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("blocksize", [32, 64, 4096])
 def test_chunk_size_invariance(gen, quant_type, blocksize):
     x = torch.randn(3 * 4096 + 77, generator=gen) * torch.rand(3 * 4096 + 77, generator=gen)
@@ -172,7 +172,7 @@ def test_bad_blocksize_rejected(blocksize):
         quantize(torch.randn(8192), blocksize=blocksize)
 
 
-@pytest.mark.parametrize("quant_type", ["int4", "NF4", "", None, "af4"])
+@pytest.mark.parametrize("quant_type", ["int8", "INT4", "NF4", "", None, "af4"])
 def test_bad_quant_type_rejected(quant_type):
     with pytest.raises(QuantizationError, match="quant_type"):
         quantize(torch.randn(64), quant_type=quant_type)

@@ -78,7 +78,8 @@ CASES = [
 
 @pytest.mark.parametrize("shape, blocksize, block_bytes", CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize(
-    "quant_type, double_quant", [("nf4", True), ("fp4", False), ("nf4", False), ("fp4", True)]
+    "quant_type, double_quant",
+    [("nf4", True), ("fp4", False), ("nf4", False), ("fp4", True), ("int4", True), ("int4", False)],
 )
 def test_matches_reference(shape, blocksize, block_bytes, quant_type, double_quant):
     qt = quantize(weights(shape, seed=math.prod(shape) + blocksize), quant_type, blocksize, double_quant)
@@ -116,7 +117,7 @@ def test_rounding_ties_subnormals_and_overflow():
     codes = torch.arange(n) % 16  # every code in every block
     codes = torch.cat([codes, torch.zeros(1, dtype=torch.long)])  # pad to an even count
     packed = (codes[0::2] * 16 + codes[1::2]).to(torch.uint8).unsqueeze(1)
-    for quant_type in ("nf4", "fp4"):
+    for quant_type in ("nf4", "fp4", "int4"):
         qt = QuantizedTensor(packed, absmax, torch.Size([n]), torch.float32, blocksize, quant_type)
         for dtype in DTYPES:
             assert_bit_equal(dequantize_triton(qt, dtype, block_bytes=64), expected(qt, dtype))

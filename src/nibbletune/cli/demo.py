@@ -10,7 +10,7 @@ import torch
 def register(subparsers) -> None:
     """Add the `demo` subcommand."""
     parser = subparsers.add_parser("demo", help="quantize a small built-in model and print size and error")
-    parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
+    parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4"])
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--no-double-quant", action="store_true")
     parser.set_defaults(func=run)

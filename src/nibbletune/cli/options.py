@@ -14,7 +14,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 def add_quant_options(parser, recorded: bool) -> None:
     """--quant-type, --blocksize, --no-double-quant; `recorded`: unset means "as the adapter records"."""
     default = "the adapter's nibbletune.json, else the run's config.yaml, else {}"
-    parser.add_argument("--quant-type", choices=["nf4", "fp4"], default=None if recorded else "nf4",
+    parser.add_argument("--quant-type", choices=["nf4", "fp4", "int4"], default=None if recorded else "nf4",
                         help=f"4-bit code book (default: {default.format('nf4') if recorded else 'nf4'})")
     parser.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=None if recorded else 64,
                         help=f"weights per absmax scale (default: {default.format('64') if recorded else '64'})")

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     """Add the `train` subcommand."""
     parser = subparsers.add_parser(
         "train", help="fine-tune LoRA adapters on a 4-bit base model",
-        description="Fine-tune LoRA adapters on a 4-bit (NF4/FP4) base model from a YAML config. "
+        description="Fine-tune LoRA adapters on a 4-bit (NF4/FP4/INT4) base model from a YAML config. "
         "Writes output_dir/adapter_model.safetensors + adapter_config.json (PEFT format), "
         "metrics.jsonl, checkpoints/ and config.yaml. Ctrl-C saves a checkpoint and stops.",
         epilog=_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)

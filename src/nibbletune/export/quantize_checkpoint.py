@@ -32,6 +32,7 @@ from ..modules import four_bit_layer_names
 from ..modules.linear_layers import default_excluded_patterns, to_linear_layout
 from ..native import return_freed_memory
 from ..quant import QuantSettings, quantize, to_bnb_state_dict
+from ..quant.settings import check_bnb_quant_type
 from .atomic import (
     DEFAULT_SHARD_BYTES,
     ShardWriter,
@@ -82,10 +83,12 @@ def quantize_checkpoint(
     float32). transformers+bitsandbytes `from_pretrained(out)` then holds the same 4-bit codes as
     `from_pretrained(src, quantization_config=BitsAndBytesConfig(...same options...))`.
     Raises FormatError (missing/corrupt files, already quantized, missing weights),
-    QuantizationError (NaN/inf), OutputExistsError.
+    QuantizationError (NaN/inf), BnbFormatUnsupportedError (int4: bitsandbytes has no such type, refused
+    before anything is read), OutputExistsError.
     """
-    src = resolve_model_dir(src)
     quant = quant or QuantSettings()
+    check_bnb_quant_type(quant.quant_type, "a bitsandbytes 4-bit checkpoint (nibbletune quantize)")
+    src = resolve_model_dir(src)
     raw_config = read_config_json(src)
     if raw_config.get("quantization_config"):
         method = raw_config["quantization_config"].get("quant_method")

@@ -15,7 +15,8 @@ import torch
 
 from ..errors import FormatError
 from .blockwise import SUPPORTED_BLOCKSIZES, SUPPORTED_DTYPES
-from .codebooks import NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map
+from .codebooks import BNB_QUANT_TYPES, NESTED_BLOCKSIZE, codebook, dynamic_map
+from .settings import check_bnb_quant_type
 from .tensor import QuantizedTensor
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__"
@@ -40,7 +41,11 @@ def unpack_json(tensor: torch.Tensor) -> dict:
 
 
 def to_bnb_state_dict(qt: QuantizedTensor, prefix: str) -> dict[str, torch.Tensor]:
-    """Return the bitsandbytes state-dict entries for `qt` stored under `prefix`."""
+    """Return the bitsandbytes state-dict entries for `qt` stored under `prefix`.
+
+    Raises BnbFormatUnsupportedError for an int4 tensor (bitsandbytes has no such type).
+    """
+    check_bnb_quant_type(qt.quant_type, f"bitsandbytes state-dict entries ('{prefix}')")
     meta = {
         "quant_type": qt.quant_type,
         "blocksize": qt.blocksize,
@@ -62,13 +67,13 @@ def to_bnb_state_dict(qt: QuantizedTensor, prefix: str) -> dict[str, torch.Tenso
 
 def is_bnb_quantized(state_dict: dict, prefix: str) -> bool:
     """True when `state_dict` holds a bitsandbytes 4-bit quant state for `prefix`."""
-    return any(f"{prefix}.{QUANT_STATE_KEY}{qt}" in state_dict for qt in QUANT_TYPES)
+    return any(f"{prefix}.{QUANT_STATE_KEY}{qt}" in state_dict for qt in BNB_QUANT_TYPES)
 
 
 def bnb_state_keys(prefix: str, state_dict: dict) -> list[str]:
     """All keys of `state_dict` that belong to the quantized weight at `prefix`."""
     keys = [prefix] + [f"{prefix}.{s}" for s in _STATE_SUFFIXES]
-    keys += [f"{prefix}.{QUANT_STATE_KEY}{qt}" for qt in QUANT_TYPES]
+    keys += [f"{prefix}.{QUANT_STATE_KEY}{qt}" for qt in BNB_QUANT_TYPES]
     return [k for k in keys if k in state_dict]
 
 
@@ -78,7 +83,7 @@ def from_bnb_state_dict(state_dict: dict, prefix: str) -> QuantizedTensor:
     Checks that codebooks, sizes and metadata are consistent; raises FormatError naming
     the key otherwise.
     """
-    state_keys = [f"{prefix}.{QUANT_STATE_KEY}{qt}" for qt in QUANT_TYPES if f"{prefix}.{QUANT_STATE_KEY}{qt}" in state_dict]
+    state_keys = [f"{prefix}.{QUANT_STATE_KEY}{qt}" for qt in BNB_QUANT_TYPES if f"{prefix}.{QUANT_STATE_KEY}{qt}" in state_dict]
     if len(state_keys) != 1:
         raise FormatError(f"{prefix}: expected exactly one '{QUANT_STATE_KEY}<nf4|fp4>' entry, found {len(state_keys)}")
     meta = unpack_json(state_dict[state_keys[0]])
@@ -97,7 +102,7 @@ def from_bnb_state_dict(state_dict: dict, prefix: str) -> QuantizedTensor:
         nested_blocksize = int(meta.get("nested_blocksize", NESTED_BLOCKSIZE))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise FormatError(f"{prefix}: malformed quant_state metadata {meta!r} ({exc})") from None
-    if quant_type not in QUANT_TYPES or dtype not in SUPPORTED_DTYPES:
+    if quant_type not in BNB_QUANT_TYPES or dtype not in SUPPORTED_DTYPES:
         raise FormatError(f"{prefix}: unsupported quant_type {quant_type!r} or dtype {meta['dtype']!r}")
     if blocksize not in SUPPORTED_BLOCKSIZES or any(size < 0 for size in shape):
         raise FormatError(f"{prefix}: invalid blocksize {blocksize} or shape {list(shape)} in quant_state")

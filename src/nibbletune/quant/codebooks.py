@@ -1,8 +1,24 @@
-"""The codebooks of the bitsandbytes 4-bit layout and the 8-bit map of double quantization.
+"""The codebooks of the 4-bit layout and the 8-bit map of double quantization.
 
-Every value here is built exactly the way bitsandbytes builds it (same float32 arithmetic),
-so that codes and dequantized values agree bit for bit. The tests re-check each table
-against the installed bitsandbytes.
+NF4, FP4 and the dynamic map are built exactly the way bitsandbytes builds them (same float32
+arithmetic), so that codes and dequantized values agree bit for bit; the tests re-check each
+table against the installed bitsandbytes.
+
+INT4 is nibbletune's own: the uniform, symmetric "mid-rise" grid (2i - 15) / 15 for code i,
+i.e. {-15, -13, ..., -1, +1, ..., +13, +15} / 15. Same storage and kernels as NF4/FP4 (only
+the table differs), but bitsandbytes has no such type, so it is never written in its layout
+(`BNB_QUANT_TYPES`). Why this grid rather than the integers {-8..7} / 7 (clipped) or {-7..7} / 7:
+
+* it is symmetric, so a block's sign never matters; {-8..7} / 7 is not (-8 / 7 lies outside
+  [-1, 1] and is never reached after absmax scaling, so one code is wasted);
+* all 16 codes are distinct, evenly spaced levels (step 2/15): {-7..7} / 7 has only 15 levels
+  (step 1/7), so its worst-case rounding error (1/14 of the absmax) is larger than this grid's
+  (1/15), and the 16th code is unused;
+* both ends are exactly +-1, so the block's largest element is stored exactly, as with NF4.
+
+The price is no exact zero: 0 decodes to -absmax / 15 (a tie at the midpoint 0 goes to the lower
+code), an error no larger than the worst case elsewhere. An all-zero block has absmax 0 and still
+decodes to zeros.
 """
 
 from __future__ import annotations
@@ -11,7 +27,9 @@ from functools import cache
 
 import torch
 
-QUANT_TYPES = ("nf4", "fp4")
+QUANT_TYPES = ("nf4", "fp4", "int4")
+BNB_QUANT_TYPES = ("nf4", "fp4")
+"""The code books bitsandbytes knows: the only ones written in its checkpoint layout."""
 NESTED_BLOCKSIZE = 256
 
 # Quantiles of N(0, 1) rescaled to [-1, 1] with an exact zero (QLoRA paper, appendix E).
@@ -46,6 +64,8 @@ def _codebook_cpu(quant_type: str) -> torch.Tensor:
     if quant_type == "fp4":
         raw = torch.tensor(_FP4_RAW, dtype=torch.float32)
         return raw / raw.abs().max()
+    if quant_type == "int4":
+        return (torch.arange(16, dtype=torch.float32) * 2 - 15) / 15
     raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
@@ -65,6 +85,12 @@ def _bounds_cpu(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     sorted_values = values[order]
     midpoints = (sorted_values[:-1] + sorted_values[1:]) / 2
     return midpoints, order.to(torch.uint8)
+
+
+def codes_are_sorted(quant_type: str) -> bool:
+    """True when code i is the i-th smallest value (NF4, INT4), so nearest-code search needs no `order` map."""
+    _, order = _bounds_cpu(quant_type)
+    return bool(torch.equal(order, torch.arange(16, dtype=torch.uint8)))
 
 
 def quantize_bounds(quant_type: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from ..devices import COMPUTE_DTYPE_NAMES, dtype_name, resolve_compute_dtype
-from ..errors import QuantizationError
+from ..errors import BnbFormatUnsupportedError, QuantizationError
 from .blockwise import SUPPORTED_BLOCKSIZES
-from .codebooks import QUANT_TYPES
+from .codebooks import BNB_QUANT_TYPES, QUANT_TYPES
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class QuantSettings:
     """How the frozen linear weights of a base model are quantized and computed with."""
 
     quant_type: str = "nf4"
-    """4-bit code book: "nf4" (NormalFloat) or "fp4"."""
+    """4-bit code book: "nf4" (NormalFloat), "fp4", or "int4" (uniform; not a bitsandbytes type)."""
     blocksize: int = 64
     """Weights per absmax scale."""
     double_quant: bool = True
@@ -108,8 +108,11 @@ class QuantSettings:
         if dtype_name(storage) != "uint8":
             raise QuantizationError(f"bnb_4bit_quant_storage {storage!r} is not supported (only uint8)")
         compute = raw.get("bnb_4bit_compute_dtype")
+        quant_type = raw.get("bnb_4bit_quant_type", "fp4")  # bitsandbytes' own default
+        if quant_type not in BNB_QUANT_TYPES:
+            raise QuantizationError(f"bnb_4bit_quant_type must be one of {BNB_QUANT_TYPES}, got {quant_type!r}")
         return cls(
-            quant_type=raw.get("bnb_4bit_quant_type", "fp4"),  # bitsandbytes' own default
+            quant_type=quant_type,
             blocksize=int(raw.get("bnb_4bit_blocksize") or 64),
             double_quant=bool(raw.get("bnb_4bit_use_double_quant", False)),
             compute_dtype=dtype_name(compute) if compute is not None else "float32",
@@ -120,7 +123,9 @@ class QuantSettings:
         """`quantization_config` exactly as transformers' BitsAndBytesConfig saves it (5.x), for checkpoints.
 
         An "auto" compute dtype is written as float32 (call `resolved()` first to record what auto meant).
+        Raises BnbFormatUnsupportedError for a code book bitsandbytes lacks (int4).
         """
+        check_bnb_quant_type(self.quant_type)
         compute = "float32" if self.compute_dtype == "auto" else self.compute_dtype
         return {
             "_load_in_4bit": True,
@@ -145,3 +150,11 @@ class QuantSettings:
         if self.skip_modules:
             parts.append(f"16-bit: {', '.join(self.skip_modules)}")
         return ", ".join(parts)
+
+
+def check_bnb_quant_type(quant_type: str, what: str = "the bitsandbytes 4-bit format") -> None:
+    """Raise BnbFormatUnsupportedError unless bitsandbytes knows `quant_type` (nf4, fp4), naming `what` is written."""
+    if quant_type not in BNB_QUANT_TYPES:
+        raise BnbFormatUnsupportedError(
+            f"quant type {quant_type!r} cannot be written as {what}: bitsandbytes has only {'/'.join(BNB_QUANT_TYPES)} "
+            f"(train and merge work with {quant_type}; use nf4 or fp4 for a bitsandbytes checkpoint)")

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import QuantizationError
 from .blockwise import check_quantizable, pack_nibbles, quantize_blockwise_codes
-from .codebooks import NESTED_BLOCKSIZE, QUANT_TYPES, codebook, dynamic_map, quantize_bounds
+from .codebooks import NESTED_BLOCKSIZE, QUANT_TYPES, codebook, codes_are_sorted, dynamic_map, quantize_bounds
 from .dequantize import dequantize_4bit
 from .double_quant import compress_absmax, decompress_absmax
 
@@ -154,7 +154,8 @@ def quantize(
 ) -> QuantizedTensor:
     """Quantize a float32/float16/bfloat16 tensor to the bitsandbytes 4-bit layout.
 
-    The codes equal bitsandbytes `quantize_4bit(tensor, blocksize, quant_type=...,
+    `quant_type` is "nf4", "fp4" or "int4" (nibbletune's uniform grid, see `codebooks`; same
+    storage, not writable as a bitsandbytes checkpoint). For nf4/fp4 the codes equal bitsandbytes `quantize_4bit(tensor, blocksize, quant_type=...,
     compress_statistics=double_quant)` byte for byte; with double quantization the 8-bit
     absmax codes use the exact-nearest rule (bitsandbytes' CPU lookup table differs on ~0.1%).
     Raises QuantizationError for NaN/inf values, unsupported dtypes or blocksizes.
@@ -163,9 +164,8 @@ def quantize(
         raise QuantizationError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     check_quantizable(tensor, blocksize)
     midpoints, order = quantize_bounds(quant_type, tensor.device)
-    identity = quant_type == "nf4"
     codes, absmax = quantize_blockwise_codes(
-        tensor.detach().reshape(-1), midpoints, None if identity else order, blocksize
+        tensor.detach().reshape(-1), midpoints, None if codes_are_sorted(quant_type) else order, blocksize
     )
     zero_code = int(order[int((midpoints < 0).sum())])
     packed = pack_nibbles(codes, pad_code=zero_code)

@@ -45,7 +45,8 @@ class DataConfig(_Section):
 class QuantConfig(_Section):
     """How the frozen base weights are stored."""
 
-    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit code book")
+    type: Literal["nf4", "fp4", "int4"] = Field(
+        "nf4", description="4-bit code book: nf4, fp4, or int4 (uniform grid; no bitsandbytes checkpoint)")
     double_quant: bool = Field(True, description="quantize the per-block absmax values to 8 bits too")
     blocksize: Literal[64, 128, 256, 512, 1024, 2048, 4096] = Field(
         64, description="weights per absmax scale")
