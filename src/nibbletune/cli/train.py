@@ -52,7 +52,9 @@ def run(args) -> int:
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for the job
         return 0
-    summary = f"trained {result.steps} steps in {result.wall_seconds:.1f} s; final loss {result.final_loss:.4f}"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ranks = f" on {world_size} ranks ({config.train.distributed})" if world_size > 1 else ""
+    summary = f"trained {result.steps} steps{ranks} in {result.wall_seconds:.1f} s; final loss {result.final_loss:.4f}"
     if result.eval_loss is not None:
         summary += f"; eval loss {result.eval_loss:.4f}"
     print(summary)

@@ -144,7 +144,7 @@ class Trainer:
         self.pad_token_id = self.train_data.pad_token_id  # pad token, else EOS, else 0 (TokenizerInfo)
         self.eval_data = build_dataset(config.data.eval_path, **build) if config.data.eval_path else None
         for dataset, name in ((self.train_data, "data.path"), (self.eval_data, "data.eval_path")):
-            for warning in getattr(dataset, "warnings", None) or []:
+            for warning in (getattr(dataset, "warnings", None) or []) if self.dist.is_main else []:
                 print(f"nibbletune train: warning ({name}): {warning}", file=sys.stderr)
         self.resume_from = self._resolve_resume()
         earlier = latest_checkpoint(self.output_dir)
