@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_killed_rank_fails_fast_naming_it_and_the_run_resumes_on_one_rank(refere
             os.killpg(launcher.pid, signal.SIGKILL)
     assert launcher.returncode != 0
     assert elapsed < 30
-    assert "rank 1" in stderr
+    assert re.search(r"rank\s*:?\s+1\b", stderr), stderr[-3000:]  # ours ("rank 1 exited") or torchrun's table
     ours = [line for line in stderr.splitlines() if line.startswith("nibbletune train: error: rank 0:")]
     if ours:  # rank 0 may be stopped by torchrun before it prints
         assert "rank 1 exited" in ours[0] and "--resume" in ours[0]

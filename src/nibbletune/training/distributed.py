@@ -43,6 +43,7 @@ import json
 import os
 import re
 import socket
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -161,14 +162,27 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 def rank_failure(run: DistributedRun, exc: BaseException, last_checkpoint) -> RankFailure:
     """The one-line error for a collective that failed on this rank, naming the ranks known to be gone."""
-    host = socket.gethostname()
-    gone = [rank for rank, (peer_host, pid) in enumerate(run.peers)
-            if peer_host == host and rank != run.rank and not _alive(pid)]
+    gone = _gone_ranks(run)
     who = (f"rank {gone[0]} exited" if len(gone) == 1 else f"ranks {', '.join(map(str, gone))} exited") if gone \
         else f"another rank died or did not answer within train.distributed_timeout_s ({run.timeout_s:g} s)"
     kept = f"resume from {last_checkpoint} with --resume" if last_checkpoint else "no checkpoint was saved"
     detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
     return RankFailure(f"rank {run.rank}: {who}; stopping ({kept}) [{detail}]")
+
+
+def _gone_ranks(run: DistributedRun, patience_s: float = 3.0) -> list[int]:
+    """Ranks on this host whose process has exited, waiting up to `patience_s` for one to show.
+
+    A killed peer's sockets close while its process is still exiting, so the collective can fail
+    a moment before the process reads as gone (or a zombie)."""
+    host = socket.gethostname()
+    local = [(rank, pid) for rank, (peer_host, pid) in enumerate(run.peers) if peer_host == host and rank != run.rank]
+    deadline = time.monotonic() + patience_s
+    while True:
+        gone = [rank for rank, pid in local if not _alive(pid)]
+        if gone or not local or time.monotonic() >= deadline:
+            return gone
+        time.sleep(0.05)
 
 
 def _alive(pid: int) -> bool:
