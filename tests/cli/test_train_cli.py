@@ -21,7 +21,7 @@ def test_train_help_lists_options_and_keys(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     for text in ("--set KEY=VALUE", "--resume", "lora.r", "train.optimizer", "quant.compute_dtype",
-                 "train.keep_checkpoints", "examples/train_full.yaml"):
+                 "train.keep_checkpoints", "train.report_to", "examples/train_full.yaml"):
         assert text in out
 
 

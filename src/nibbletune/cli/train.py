@@ -27,7 +27,8 @@ def register(subparsers) -> None:
         "train", help="fine-tune LoRA adapters on a 4-bit base model",
         description="Fine-tune LoRA adapters on a 4-bit (NF4/FP4/INT4) base model from a YAML config. "
         "Writes output_dir/adapter_model.safetensors + adapter_config.json (PEFT format), "
-        "metrics.jsonl, checkpoints/ and config.yaml. Ctrl-C saves a checkpoint and stops.",
+        "metrics.jsonl, loss_curve.png, checkpoints/ and config.yaml (train.report_to adds TensorBoard or "
+        "W&B). Ctrl-C saves a checkpoint and stops.",
         epilog=_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
