@@ -55,6 +55,13 @@ def test_check_prints_validated_config(tmp_path, capsys):
     assert printed["train"]["lr"] == 1e-4 and printed["lora"]["r"] == 16
 
 
+def test_check_refuses_report_to_without_its_package(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    assert main(["train", str(write(tmp_path, BASE)), "--check", "--set", "train.report_to=wandb"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'nibbletune[wandb]'" in err
+
+
 def test_seq_len_over_model_limit_fails_before_loading(tmp_path, capsys):
     model_dir = tmp_path / "model"
     model_dir.mkdir()

@@ -45,8 +45,10 @@ def run(args) -> int:
     import yaml
 
     from ..training import load_config, train
+    from ..training.metrics import check_reporter
 
     config = load_config(args.config, args.overrides)
+    check_reporter(config.train.report_to)  # train.report_to's package, before --check says the config is good
     if args.check:
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
         return 0
