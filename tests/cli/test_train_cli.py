@@ -21,7 +21,7 @@ def test_train_help_lists_options_and_keys(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     for text in ("--set KEY=VALUE", "--resume", "lora.r", "train.optimizer", "quant.compute_dtype",
-                 "train.keep_checkpoints", "examples/train_full.yaml"):
+                 "train.keep_checkpoints", "train.report_to", "examples/train_full.yaml"):
         assert text in out
 
 
@@ -53,6 +53,13 @@ def test_check_prints_validated_config(tmp_path, capsys):
     assert main(["train", str(write(tmp_path, BASE)), "--check", "--set", "train.lr=1e-4"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["lr"] == 1e-4 and printed["lora"]["r"] == 16
+
+
+def test_check_refuses_report_to_without_its_package(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    assert main(["train", str(write(tmp_path, BASE)), "--check", "--set", "train.report_to=wandb"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'nibbletune[wandb]'" in err
 
 
 def test_seq_len_over_model_limit_fails_before_loading(tmp_path, capsys):

@@ -27,7 +27,8 @@ def register(subparsers) -> None:
         "train", help="fine-tune LoRA adapters on a 4-bit base model",
         description="Fine-tune LoRA adapters on a 4-bit (NF4/FP4/INT4) base model from a YAML config. "
         "Writes output_dir/adapter_model.safetensors + adapter_config.json (PEFT format), "
-        "metrics.jsonl, checkpoints/ and config.yaml. Ctrl-C saves a checkpoint and stops.",
+        "metrics.jsonl, loss_curve.png, checkpoints/ and config.yaml (train.report_to adds TensorBoard or "
+        "W&B). Ctrl-C saves a checkpoint and stops.",
         epilog=_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -44,8 +45,10 @@ def run(args) -> int:
     import yaml
 
     from ..training import load_config, train
+    from ..training.metrics import check_reporter
 
     config = load_config(args.config, args.overrides)
+    check_reporter(config.train.report_to)  # train.report_to's package, before --check says the config is good
     if args.check:
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
         return 0

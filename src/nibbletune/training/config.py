@@ -120,6 +120,10 @@ class TrainSection(_Section):
                                          "before the run fails (a dead or hung rank)")
     max_seconds: float = Field(0, ge=0, description="stop after this much training time and save as at the end "
                                "(the schedule still follows max_steps); 0 = no limit")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="where metrics go besides metrics.jsonl and loss_curve.png: none; tensorboard "
+        "(events in output_dir/tensorboard; pip install 'nibbletune[tensorboard]'); wandb (Weights & Biases, "
+        "WANDB_MODE=offline works; pip install 'nibbletune[wandb]')")
 
     @model_validator(mode="after")
     def _length(self) -> TrainSection:

@@ -56,7 +56,15 @@ from .config import (
     save_config,
 )
 from .loss import FusedHead, agrees_with_logits, loss_sum
-from .metrics import MetricsLog, format_postfix, peak_memory_bytes, plot_loss_curve, progress_bar
+from .metrics import (
+    LossCurve,
+    MetricsLog,
+    check_reporter,
+    format_postfix,
+    open_reporter,
+    peak_memory_bytes,
+    progress_bar,
+)
 from .optim import build_optimizer
 from .precision import MAX_SKIPPED_STEPS, LossScaling, autocast_factory, step_scheduler
 from .schedule import build_scheduler
@@ -128,6 +136,8 @@ class Trainer:
 
         config = self.config
         self.output_dir = Path(config.output_dir)
+        check_reporter(config.train.report_to)  # a missing tensorboard/wandb package: one line before any work
+        self.loss_curve = LossCurve(self.output_dir, _curve_title(config))
         check_against_model(config, load_model_config(config.model))
         self.device = distributed.device_for(config.train.distributed, distributed.launched_world()[2])
         self.dist = distributed.start(config, self.device)
@@ -232,6 +242,7 @@ class Trainer:
                                    self.optimizer, self.scheduler, self.config.model_dump(mode="json"),
                                    self.config.train.keep_checkpoints, self.loss_scaling, gathered,
                                    self.dist.world_size)
+            self.loss_curve.update()
         distributed.barrier(self.dist)
         self.last_checkpoint = path
         return path
@@ -319,7 +330,7 @@ class Trainer:
         self._setup()
         config = self.config.train
         main = self.dist.is_main
-        metrics = MetricsLog(self.output_dir, resume_step=self.state.step) if main else None
+        metrics = MetricsLog(self.output_dir, self.state.step, open_reporter(self.config)) if main else None
         bar = progress_bar(self.total_steps, self.state.step, self.progress and main)
         previous_handler = self._install_sigint()
         losses: list[float] = []
@@ -392,8 +403,13 @@ class Trainer:
         else:
             save_weights(self.model, self.output_dir, self.settings, self.config.model,
                          gathered[0] if gathered else None)
-        plot_loss_curve(self.output_dir)
+        self.loss_curve.update()
         distributed.barrier(self.dist)
+
+
+def _curve_title(config: TrainConfig) -> str:
+    """'quickstart: qlora of SmolLM2-135M-Instruct.Q4_1.gguf' (last path parts of output_dir and model)."""
+    return f"{Path(config.output_dir).name}: {config.method} of {Path(config.model).name or config.model}"
 
 
 def train(config: TrainConfig | str | Path | dict, resume: str | None = None, progress: bool = True,
