@@ -51,7 +51,7 @@ def table(plan) -> str:
     if plan.suggestions:
         lines.append("to fit, cheapest first (each change alone):")
         for suggestion in plan.suggestions:
-            sets = " ".join(f"--set {key}={json.dumps(value)}" for key, value in suggestion.changes.items()
+            sets = " ".join(f"--set {key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in suggestion.changes.items()
                             if key != "world_size")
             ranks = f" --world-size {suggestion.changes['world_size']}" if "world_size" in suggestion.changes else ""
             lines.append(f"  {_gib(suggestion.peak_bytes):>10}  {suggestion.description}  ({sets}{ranks})")

@@ -12,7 +12,7 @@ projection; with dropout 0, xd is the input itself and the linears reading one t
     each RMSNorm:   4H (its float32 copy of the input; the weight is frozen, so its product saves nothing)
     q, k, v:        xd of the norm output (3 bH with dropout, else bH)
     attention:      rotated q and k, v and the output (b (2 nh hd + 2 nkv hd)), float32 log-sum-exp (4 nh)
-    o_proj:         xd of the attention output (b nh hd)
+    o_proj:         xd of the attention output (b nh hd with dropout, else the output attention saved)
     gate, up:       xd of the norm output (2 bH with dropout, else bH)
     MLP:            gate and up outputs, the activation's output (3 bI); down_proj's xd (bI)
     LoRA:           the [T, r] projection of each adapted linear (b r)
@@ -159,7 +159,7 @@ def layer_activation_bytes(arch: Architecture, tokens: int, dtype_bytes: int, na
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     norms = arch.norms_per_layer() * 4 * h
     attention_inputs = (3 if dropout else 1) * b * h
-    attention = b * (2 * q + 2 * kv) + 4 * arch.heads + b * q
+    attention = b * (2 * q + 2 * kv) + 4 * arch.heads + (b * q if dropout else 0)  # o_proj's xd
     mlp_inputs = (2 if dropout else 1) * b * h
     mlp = 4 * b * arch.intermediate
     qk_norms = 4 * (q + kv) if arch.model_type in _QK_NORM_TYPES else 0
