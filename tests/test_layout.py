@@ -102,7 +102,7 @@ def test_the_public_api_is_at_the_top_level():
         importlib.import_module(f"nibbletune.{stage}")
 
     for name in ("load_model", "apply_lora", "save_adapter", "load_adapter", "merge", "quantize", "train",
-                 "TrainConfig", "QuantSettings", "LoraSettings", "quantize_checkpoint"):
+                 "TrainConfig", "QuantSettings", "LoraSettings", "quantize_checkpoint", "plan"):
         value = getattr(nibbletune, name)
         assert callable(value) and not isinstance(value, type(nibbletune)), f"nibbletune.{name} is {value!r}"
         assert value.__doc__, f"nibbletune.{name} has no docstring"

@@ -9,6 +9,7 @@ The jobs of the `nibbletune` command as a Python API:
     nibbletune.save_adapter(model, "out/adapter")            # PEFT files + the base's QuantSettings
     nibbletune.merge("path/or/hub-id", "out/adapter", "out/merged")
     nibbletune.train("config.yaml")                          # the `nibbletune train` job
+    nibbletune.plan("config.yaml").peak_bytes                # `nibbletune plan`: will it fit?
     nibbletune.evaluate_adapter(nibbletune.EvalJob.from_config("config.yaml"))   # `nibbletune eval`
 
 Names are imported on first use, so `import nibbletune` itself imports neither torch nor transformers.
@@ -36,6 +37,8 @@ _EXPORTS = {
     "save_adapter": "nibbletune.loading",
     "TrainConfig": "nibbletune.training",
     "train": "nibbletune.training",
+    "plan": "nibbletune.training",
+    "MemoryPlan": "nibbletune.training",
     "EvalJob": "nibbletune.evaluation",
     "evaluate_adapter": "nibbletune.evaluation",
     "merge": "nibbletune.export",
@@ -45,7 +48,8 @@ _EXPORTS = {
 
 __all__ = [
     "NibbletuneError", "__version__", "QuantizedTensor", "QuantSettings", "quantize", "LoraSettings", "apply_lora",
-    "load_model", "load_tokenizer", "load_adapter", "save_adapter", "TrainConfig", "train", "EvalJob",
+    "load_model", "load_tokenizer", "load_adapter", "save_adapter", "TrainConfig", "train", "plan", "MemoryPlan",
+    "EvalJob",
     "evaluate_adapter", "merge", "quantize_checkpoint", "export_gguf",
 ]
 
@@ -55,7 +59,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .loading import load_adapter, load_model, load_tokenizer, save_adapter
     from .modules import LoraSettings, apply_lora
     from .quant import QuantizedTensor, QuantSettings, quantize
-    from .training import TrainConfig, train
+    from .training import MemoryPlan, TrainConfig, plan, train
 
 
 def __getattr__(name: str):

@@ -45,6 +45,39 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
                           f"({type(exc).__name__}: {detail})") from None
 
 
+def resolve_config_dir(name_or_path: str | os.PathLike) -> Path:
+    """Where a model's config is: `name_or_path` itself when it exists locally (a directory or a GGUF file),
+    else the HF cache folder holding only the Hub repository's config.json (nothing else is fetched).
+
+    FormatError with one line when it is neither, or when the Hub is offline and config.json not cached.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if not looks_like_hub_id(name):
+        raise FormatError(f"{name}: no such model directory or GGUF file, and not a Hugging Face Hub id")
+    import logging
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # its retry warnings would bury the one-line error
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id=name, filename="config.json")).parent
+    except Exception as exc:  # noqa: BLE001 - every hub failure becomes the same one-line error
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if offline or "offline" in type(exc).__name__.lower() or "connect" in str(exc).lower():
+            raise FormatError(f"{name}: config.json is not in the Hugging Face cache and the Hub cannot be reached "
+                              "(offline); download it once online, or give a local model directory") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FormatError(f"{name}: cannot fetch config.json from the Hugging Face Hub "
+                          f"({type(exc).__name__}: {detail})") from None
+    finally:
+        hub_log.setLevel(level)
+
+
 def gguf_file(location: Path) -> Path | None:
     """The GGUF file a model location stands for: the location itself when it is a `.gguf` file, or the
     one `.gguf` file of a directory that holds no config.json; None for a transformers directory.

@@ -309,3 +309,17 @@ def describe_keys() -> list[tuple[str, str, str]]:
 
     walk(TrainConfig, "")
     return rows
+
+
+def coerce_config(config, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from a TrainConfig, a YAML path or a dict of the same keys, with `overrides` ("dotted.key=value",
+    as --set) applied to a path or dict."""
+    import copy
+
+    if isinstance(config, (str, Path)):
+        return load_config(config, overrides)
+    if isinstance(config, dict):
+        return config_from_dict(apply_overrides(copy.deepcopy(config), overrides or []))
+    if overrides:
+        raise ConfigError("overrides apply to a config file or dict; change a TrainConfig with model_copy")
+    return config
