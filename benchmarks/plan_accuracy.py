@@ -1,7 +1,7 @@
 """`nibbletune plan` against measurement: predicted peak vs the peak RSS of real short trainings on CPU.
 
 Each case is a fresh `nibbletune train` subprocess of 2 steps; its peak is the last `peak_mem_bytes`
-of metrics.jsonl (ru_maxrss). Models: a toy Llama (h512, 4 layers) built here, and SmolLM2-135M and
+of metrics.jsonl (VmHWM). Models: a toy Llama (h512, 4 layers) built here, and SmolLM2-135M and
 Gemma 3 270M when their packages are installed. `--llama-table` prints predictions for Llama-class
 1B-70B on CUDA instead (no training).
 

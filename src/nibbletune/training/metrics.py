@@ -33,9 +33,20 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated CUDA memory, or this process's peak resident set size on CPU."""
+    """Peak allocated CUDA memory, or this process's peak resident set size on CPU.
+
+    On Linux the peak is VmHWM of /proc/self/status: `ru_maxrss` carries over the peak of the
+    process image before exec, so a run started from a large parent (a test runner, a notebook)
+    would report the parent's peak."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
