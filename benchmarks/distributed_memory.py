@@ -32,14 +32,6 @@ BASELINE = ("import resource, torch, transformers, nibbletune.training.loop, tor
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
 
 
-def cpu_flags() -> str:
-    """The CPU's bf16-relevant flags (what `compute_dtype: auto` decides on)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    return " ".join(sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})) or "none of avx2/avx512"
-
 
 def base_model(name: str, work: Path) -> str:
     """The model path for `name`: the SmolLM2 GGUF file, or a toy Llama built here."""
@@ -103,6 +95,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     args = parser.parse_args()
+    from nibbletune.devices import simd_summary
     from nibbletune.recipes.packaged_models import smollm2_gguf
 
     name = args.model or ("smollm2" if smollm2_gguf() else "toy")
@@ -110,7 +103,7 @@ def main() -> None:
                                   check=True).stdout.split()[-1])
     print(f"model {name}, global batch {args.global_batch} x {args.seq}, {args.steps} steps, r=16 all-linear, "
           f"checkpointing {'on' if args.checkpointing else 'off'}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, CPU flags: {cpu_flags()}; import baseline {baseline / 2**30:.2f} GiB")
+          f"{os.cpu_count()} cores, SIMD flags: {simd_summary()}; import baseline {baseline / 2**30:.2f} GiB")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = base_model(name, work)

@@ -44,14 +44,6 @@ LLAMAS = {  # hidden, intermediate, layers, heads, kv heads, vocab (Llama 3.2 1B
 }
 
 
-def cpu_flags() -> str:
-    """The CPU's bf16-relevant flags."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    return " ".join(sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})) or "none of avx2/avx512"
-
 
 def models(work: Path) -> dict[str, str]:
     """Model paths by case name: the toy (built here) and the installed packaged models."""
@@ -100,8 +92,9 @@ def measure(config: dict, path: Path) -> int:
 def accuracy() -> None:
     """Train every case and print predicted vs measured."""
     from nibbletune import plan
+    from nibbletune.devices import simd_summary
 
-    print(f"{os.cpu_count()} cores, CPU flags: {cpu_flags()}")
+    print(f"{os.cpu_count()} cores, SIMD flags: {simd_summary()}")
     print("| case | predicted GiB | measured peak RSS GiB | error |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
