@@ -65,8 +65,8 @@ check dequant_sweep 120 "$PYTHON" benchmarks/dequant_gpu.py --sweep
 models=smollm2
 "$PYTHON" -c "from nibbletune.recipes.packaged_models import smollm2_gguf; raise SystemExit(smollm2_gguf() is None)" \
     2> /dev/null || models=smollm2-random
-check qlora_step 200 "$PYTHON" benchmarks/real_model.py --device cuda --models "$models" --batch 8 --seq 512 \
-    --steps 5 --columns floor,hf,nibbletune,nibbletune-plain
+check qlora_step 260 "$PYTHON" benchmarks/real_model.py --device cuda --models "$models" --batch 8 --seq 512 \
+    --steps 5 --columns floor,hf,nibbletune,nibbletune-plain,nibbletune-compiled
 
 WORK=$(mktemp -d)
 "$PYTHON" - "$WORK" <<'EOF'

@@ -12,7 +12,10 @@ subprocess (so its peak RSS is its own), one after the other in the same minute:
 * nibbletune: `load_model` (NF4, double quant) + `apply_lora` (the same LoRA), the training loop's
   loss (`training.loss`, fused head + cross-entropy unless `--unfused`), under the loop's autocast,
   AdamW;
-* nibbletune, plain loss: the same with the logits path, to show what the fused loss buys.
+* nibbletune, plain loss: the same with the logits path, to show what the fused loss buys;
+* nibbletune, compile: true: the nibbletune column with its decoder layers compiled
+  (`training/compile.py`); its "first step s" includes the compile (cold, or warm from
+  Inductor's on-disk cache when the same shapes were compiled before).
 
 Step time is the difference between a long and a short timed run divided by the extra steps,
 so start-up and the first steps' allocations cancel; tokens/s follows from it. Peak RSS is the
@@ -89,7 +92,10 @@ else:
         model.to(device)
         model.config.use_cache = False
         model.train()
-        fused = FusedHead.of(model) if column == "nibbletune" else None
+        fused = FusedHead.of(model) if column != "nibbletune-plain" else None
+        if column == "nibbletune-compiled":
+            from nibbletune.training.compile import compile_model
+            compile_model(model)
         autocast = autocast_factory(device, dtype)
         input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator).to(device)
         tokens = batch * (seq - 1)
@@ -133,7 +139,7 @@ print("RESULT " + json.dumps({"step_s": step_seconds, "load_s": load_seconds, "f
 """
 
 COLUMNS = {"floor": "floor (unquantized, frozen)", "hf": "transformers+bnb+PEFT", "nibbletune": "nibbletune",
-           "nibbletune-plain": "nibbletune, plain loss"}
+           "nibbletune-plain": "nibbletune, plain loss", "nibbletune-compiled": "nibbletune, compile: true"}
 
 
 def bf16_directory(gguf: Path, directory: Path) -> Path:
@@ -224,8 +230,9 @@ def print_table(name: str, results: dict, tokens_per_step: int) -> None:
     on_cuda = any("cuda_allocated" in result for result in results.values())
     memory_key, memory_name = ("cuda_allocated", "peak CUDA allocated") if on_cuda else ("peak_rss", "peak RSS")
     print(f"\n{name}")
-    print(f"| column | s/step | tokens/s | HF / this | this / floor | {memory_name} GiB | vs HF | load s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| column | s/step | tokens/s | HF / this | this / floor | {memory_name} GiB | vs HF | load s | "
+          "first step s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for column, result in results.items():
         if "error" in result:
             print(f"| {COLUMNS[column]} | failed: {result['error']} |")
@@ -235,7 +242,7 @@ def print_table(name: str, results: dict, tokens_per_step: int) -> None:
         over_floor = f"{step / floor['step_s']:.2f}" if "step_s" in floor else "-"
         memory = f"{result[memory_key] / hf[memory_key]:.2f}x" if memory_key in hf else "-"
         print(f"| {COLUMNS[column]} | {step:.2f} | {tokens_per_step / step:.0f} | {speedup} | {over_floor} | "
-              f"{result[memory_key] / 2**30:.2f} | {memory} | {result['load_s']:.1f} |")
+              f"{result[memory_key] / 2**30:.2f} | {memory} | {result['load_s']:.1f} | {result['first_step_s']:.1f} |")
     for column, result in results.items():
         for operator, seconds in result.get("top", []):
             print(f"  {COLUMNS[column]}: {operator} {seconds:.3f} s")

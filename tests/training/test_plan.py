@@ -53,6 +53,15 @@ def test_plain_loss_costs_more_than_fused_for_a_large_vocabulary():
     assert _component(_plan(fused_loss=False), "loss") > 10 * _component(_plan(), "loss")
 
 
+def test_compile_workspace_counted_only_when_the_run_compiles():
+    assert _component(_plan(compile=False), "compile") == 0
+    assert _component(_plan(compile=True), "compile") > 0
+    assert _component(_plan(compile="auto", max_steps=10), "compile") == 0  # too short for auto
+    assert _component(_plan(compile="auto", max_steps=1000), "compile") > 0  # a long CUDA run
+    cpu = estimate_memory(LLAMA, _config(compile="auto", max_steps=1000), device="cpu", memory_bytes=1 << 50)
+    assert _component(cpu, "compile") == 0
+
+
 def test_optimizers_and_rank():
     states = {name: _component(_plan(optimizer=name), "optimizer") for name in ("adamw", "adamw8bit", "paged_adamw")}
     assert states["adamw"] > 3.5 * states["adamw8bit"] and states["paged_adamw"] <= 64 * 2**20

@@ -99,6 +99,8 @@ class LinearNF4(nn.Module):
         self.register_buffer("absmax", qt.absmax, persistent=False)
         self.register_buffer("nested_absmax", qt.nested_absmax, persistent=False)
         self._layout: QuantLayout = qt.layout
+        # A plain attribute, not a buffer: it stays on the CPU and outside the state dict.
+        self._nested_offset = None if qt.nested_offset is None else torch.tensor(qt.nested_offset, dtype=torch.float64)
 
     @property
     def quantized_weight(self) -> QuantizedTensor:
@@ -106,6 +108,14 @@ class LinearNF4(nn.Module):
         storage = (self.packed_codes, self.absmax) if self.nested_absmax is None else \
             (self.packed_codes, self.absmax, self.nested_absmax)
         return QuantizedTensor.from_storage(self._layout, storage)
+
+    def traceable_weight(self) -> tuple[list[torch.Tensor], QuantLayout, torch.Tensor | None]:
+        """(storage tensors, layout, double-quant offset as a 0-d float64 CPU tensor or None), for torch.compile.
+
+        The offset differs per weight; read as the layout's float, Dynamo would bake it into the
+        graph and compile every layer anew. As a tensor it is an input of one shared graph.
+        """
+        return list(self.quantized_weight.storage), self._layout, self._nested_offset
 
     @property
     def quant_type(self) -> str:

@@ -9,9 +9,9 @@ dtype, and its output is cast to the base output's dtype before the sum, as PEFT
 
 In eager mode a plain LoRA layer runs as one autograd op, `LoraLinearFunction`
 (`lora_function.py`, which derives the gradients); dropout is the hashed dropout of
-`dropout.py` (a mask recomputed from a per-call seed). DoRA and code traced by torch.compile
-take the composable path below: nn.Linear calls and plain autograd, with nn.Dropout under
-torch.compile.
+`dropout.py` (a mask recomputed from a per-call seed). Under torch.compile the same formulas run
+as two custom ops (`lora_op.py`), opaque to the compiler. DoRA takes the composable path below:
+nn.Linear calls and plain autograd, with nn.Dropout under torch.compile.
 
 DoRA (use_dora=True) re-scales each output row of W' = W + scaling * B A to a learned length m
 (`lora_magnitude_vector`, shape [out]). With n = ||W'||_row computed from a detached B A and
@@ -37,6 +37,7 @@ from .dropout import apply_dropout, draw_seed
 from .linear_nf4 import LinearNF4, linear_4bit
 from .loftq import loftq_init
 from .lora_function import LoraLinearFunction, LoraSpec
+from .lora_op import lora_linear
 from .lora_settings import INITS, lora_scaling
 
 
@@ -139,7 +140,7 @@ class LoraLinear(nn.Module):
             return weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_dora and not torch.compiler.is_compiling():
+        if not self.use_dora:
             return self._fused_forward(x)
         base_in = x.to(self.base.weight.dtype) if isinstance(self.base, nn.Linear) else x
         result = self.base(base_in)
@@ -163,16 +164,19 @@ class LoraLinear(nn.Module):
         return apply_dropout(x.contiguous(), p, draw_seed())
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole layer as one autograd op (`lora_function.py`): same result, fewer passes."""
+        """The whole layer as one autograd op (`lora_function.py`), or as custom ops under torch.compile."""
         p = self._dropout_p()
-        seed = draw_seed() if p > 0 else 0
         base = self.base
-        if isinstance(base, LinearNF4):
-            compute_dtype, weight = base.compute_dtype, base.quantized_weight
-            bias = None if base.bias is None else base.bias.to(compute_dtype)
-        else:
-            compute_dtype, weight, bias = base.weight.dtype, base.weight, base.bias
-        spec = LoraSpec(self.scaling, p, seed, compute_dtype)
+        four_bit = isinstance(base, LinearNF4)
+        compute_dtype = base.compute_dtype if four_bit else base.weight.dtype
+        bias = None if base.bias is None else base.bias.to(compute_dtype)
+        if torch.compiler.is_compiling():  # the seed as a tensor: an int would be a constant of the graph
+            seed = (torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64) if p > 0
+                    else torch.zeros((), dtype=torch.int64))
+            return lora_linear(x, bias, self.lora_A.weight, self.lora_B.weight,
+                               LoraSpec(self.scaling, p, 0, compute_dtype), base, seed)
+        spec = LoraSpec(self.scaling, p, draw_seed() if p > 0 else 0, compute_dtype)
+        weight = base.quantized_weight if four_bit else base.weight
         return LoraLinearFunction.apply(x, bias, self.lora_A.weight, self.lora_B.weight, spec, weight)
 
     def _dora_term(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,51 @@ def _dense(weight: FrozenWeight, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
+def lora_forward(x, bias, lora_A, lora_B, spec: LoraSpec, weight: FrozenWeight):
+    """The forward formula: (y [..., out], xd [T, in], h [T, r]) for x [..., in]; xd and h are what backward needs."""
+    dtype = spec.compute_dtype
+    in_features, out_features = lora_A.shape[1], lora_B.shape[0]
+    leading_shape = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).to(dtype)
+    a, b = lora_A.to(dtype), lora_B.to(dtype)  # [r, in], [out, r]: small
+    out = F.linear(x2, _dense(weight, dtype), bias)  # [T, out]
+    xd = apply_dropout(x2.contiguous(), spec.dropout_p, spec.dropout_seed) if spec.dropout_p > 0 else x2
+    h = (xd @ a.t()).mul_(spec.scaling)  # [T, r]
+    out.addmm_(h, b.t())
+    return out.reshape(*leading_shape, out_features), xd, h
+
+
+def lora_backward(grad_out, xd, h, lora_A, lora_B, spec: LoraSpec, weight: FrozenWeight, x_dtype: torch.dtype,
+                  needs: tuple[bool, bool, bool, bool]):
+    """The backward formula: (dL/dx, dL/dbias, dL/dA, dL/dB), each None where `needs` (x, bias, A, B) is False.
+
+    The adapter gradients come back in the adapter parameters' dtype, dL/dx in `x_dtype`.
+    """
+    need_x, need_bias, need_A, need_B = needs
+    dtype = spec.compute_dtype
+    a, b = lora_A.to(dtype), lora_B.to(dtype)
+    leading_shape = grad_out.shape[:-1]
+    g = grad_out.reshape(-1, b.shape[0]).to(dtype)
+    grad_x = grad_bias = grad_A = grad_B = None
+    gh = (g @ b).mul_(spec.scaling)  # [T, r]
+    if need_A:
+        grad_A = (gh.t() @ xd).to(lora_A.dtype)
+    if need_B:
+        grad_B = (g.t() @ h).to(lora_B.dtype)
+    if need_x:
+        dense = _dense(weight, dtype)
+        grad_x = g @ dense  # [T, in]
+        del dense
+        if spec.dropout_p > 0:
+            accumulate_dropout_grad(grad_x, gh @ a, spec.dropout_p, spec.dropout_seed)
+        else:
+            grad_x.addmm_(gh, a)
+        grad_x = grad_x.to(x_dtype).reshape(*leading_shape, a.shape[1])
+    if need_bias:
+        grad_bias = g.sum(0)
+    return grad_x, grad_bias, grad_A, grad_B
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + bias + s * (x * M) A^T B^T for a frozen W; see the module docstring.
 
@@ -87,50 +132,17 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, spec: LoraSpec, weight: FrozenWeight):
         with torch.autocast(x.device.type, enabled=False):  # the layer picks its own dtype
-            return LoraLinearFunction._forward(ctx, x, bias, lora_A, lora_B, spec, weight)
-
-    @staticmethod
-    def _forward(ctx, x, bias, lora_A, lora_B, spec: LoraSpec, weight: FrozenWeight):
-        dtype = spec.compute_dtype
-        in_features, out_features = lora_A.shape[1], lora_B.shape[0]
-        leading_shape = x.shape[:-1]
-        x2 = x.reshape(-1, in_features).to(dtype)
-        a, b = lora_A.to(dtype), lora_B.to(dtype)  # [r, in], [out, r]: small
-        out = F.linear(x2, _dense(weight, dtype), bias)  # [T, out]
-        xd = apply_dropout(x2.contiguous(), spec.dropout_p, spec.dropout_seed) if spec.dropout_p > 0 else x2
-        h = (xd @ a.t()).mul_(spec.scaling)  # [T, r]
-        out.addmm_(h, b.t())
+            out, xd, h = lora_forward(x, bias, lora_A, lora_B, spec, weight)
         weight_tensors, ctx.weight_layout = _storage(weight)
-        ctx.save_for_backward(xd, h, a, b, *weight_tensors)
-        ctx.spec, ctx.x_dtype, ctx.adapter_dtype, ctx.has_bias = spec, x.dtype, lora_A.dtype, bias is not None
-        return out.reshape(*leading_shape, out_features)
+        ctx.save_for_backward(xd, h, lora_A, lora_B, *weight_tensors)
+        ctx.spec, ctx.x_dtype, ctx.has_bias = spec, x.dtype, bias is not None
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        xd, h, lora_A, lora_B, *weight_tensors = ctx.saved_tensors
+        weight = _rebuild(tuple(weight_tensors), ctx.weight_layout)
+        needs = (ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[1], *ctx.needs_input_grad[2:4])
         with torch.autocast(grad_out.device.type, enabled=False):
-            return LoraLinearFunction._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
-        xd, h, a, b, *weight_tensors = ctx.saved_tensors
-        spec: LoraSpec = ctx.spec
-        leading_shape = grad_out.shape[:-1]
-        g = grad_out.reshape(-1, b.shape[0]).to(spec.compute_dtype)
-        grad_x = grad_bias = grad_A = grad_B = None
-        gh = (g @ b).mul_(spec.scaling)  # [T, r]
-        if ctx.needs_input_grad[2]:
-            grad_A = (gh.t() @ xd).to(ctx.adapter_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_B = (g.t() @ h).to(ctx.adapter_dtype)
-        if ctx.needs_input_grad[0]:
-            weight = _dense(_rebuild(tuple(weight_tensors), ctx.weight_layout), spec.compute_dtype)
-            grad_x = g @ weight  # [T, in]
-            del weight
-            if spec.dropout_p > 0:
-                accumulate_dropout_grad(grad_x, gh @ a, spec.dropout_p, spec.dropout_seed)
-            else:
-                grad_x.addmm_(gh, a)
-            grad_x = grad_x.to(ctx.x_dtype).reshape(*leading_shape, a.shape[1])
-        if ctx.has_bias and ctx.needs_input_grad[1]:
-            grad_bias = g.sum(0)
-        return grad_x, grad_bias, grad_A, grad_B, None, None
+            grads = lora_backward(grad_out, xd, h, lora_A, lora_B, ctx.spec, weight, ctx.x_dtype, needs)
+        return (*grads, None, None)

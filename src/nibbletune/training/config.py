@@ -107,6 +107,10 @@ class TrainSection(_Section):
     fused_loss: bool = Field(True, description="compute the output head and the loss together, a chunk of tokens "
                              "at a time, never the full [tokens, vocab] logits (checked against the plain loss "
                              "at start; models that compute logits otherwise fall back)")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile each decoder layer (once for all of them; cached on disk): true, false, "
+        "or auto (on CUDA for runs of 300 steps or more; off on the CPU, where it is no faster). Falls back to "
+        "eager with one warning where compiling fails")
     seed: int = Field(0, description="seed for adapter init, dropout and data order")
     eval_every: int = Field(0, ge=0, description="steps between eval-loss runs (and at the end); 0 = only at the end")
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only on interrupt")
@@ -129,6 +133,9 @@ class TrainSection(_Section):
     def _length(self) -> TrainSection:
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of train.max_steps and train.epochs")
+        if self.compile is True and self.distributed == "fsdp":
+            raise ValueError("train.compile: true does not work with train.distributed: fsdp yet; use ddp, or "
+                             "compile: auto (which leaves fsdp runs eager)")
         return self
 
 

@@ -46,6 +46,8 @@ from .checkpoint import (
     save_full_model,
     save_weights,
 )
+from .compile import choose as choose_compile
+from .compile import compile_model, describe_failure, eager, is_compile_failure
 from .config import (
     ConfigError,
     TrainConfig,
@@ -177,6 +179,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         distributed.broadcast_trainable(self.dist, self.params)
         self.total_steps = total_steps(config, len(self.train_data.examples), self.dist.world_size)
+        self.compiled = self._compile()
         self.optimizer = build_optimizer(config.train.optimizer, self.params, config.train.lr,
                                          config.train.weight_decay, paged_dir=str(self.output_dir))
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, config.train.warmup_steps,
@@ -203,6 +206,24 @@ class Trainer:
         print(f"nibbletune train: note: {type(self.model).__name__} does not compute its logits as lm_head(hidden); "
               "using the plain (unfused) loss", file=sys.stderr)
         return None
+
+    def _compile(self):
+        """The decoder layers compiled in place when train.compile (as `compile.choose` reads it) says so."""
+        choice = choose_compile(self.config.train.compile, self.device, self.total_steps,
+                                self.config.train.distributed)
+        compiled = compile_model(self.model) if choice.enabled else None
+        if compiled is not None and self.dist.is_main:
+            print(f"nibbletune train: compiling the decoder layers (all but the first) on the first step "
+                  f"({choice.reason})", file=sys.stderr, flush=True)
+        return compiled
+
+    def _compile_failed(self, error: BaseException) -> None:
+        """Go on eagerly after torch.compile failed: drop the compiled layers and the step's partial gradients."""
+        self.compiled.revert()
+        self.compiled = None
+        self.optimizer.zero_grad(set_to_none=True)
+        print(f"nibbletune train: warning: torch.compile failed ({describe_failure(error)}); training "
+              "eagerly (train.compile: false skips the attempt)", file=sys.stderr, flush=True)
 
     def _resolve_resume(self) -> Path | None:
         if not self.resume:
@@ -253,16 +274,13 @@ class Trainer:
         micro = [self._micro_batch() for _ in range(self.config.train.grad_accum)]
         local_tokens = torch.tensor([float(sum(trained_tokens(b["labels"]) for b in micro))], dtype=torch.float64)
         step_tokens = max(1, int(distributed.all_reduce_sum(self.dist, local_tokens.to(self.device)).item()))
-        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # read back once per step
-        input_tokens = 0
-        for batch in micro:
-            labels = batch["labels"].to(self.device)
-            with self.autocast():
-                loss = loss_sum(self.model, model_inputs(batch, self.device), labels, self.fused) / step_tokens
-            self.loss_scaling.backward(loss * distributed.backward_scale(self.dist))
-            loss_total += loss.detach().double()
-            mask = batch.get("attention_mask")
-            input_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        try:
+            loss_total, input_tokens = self._accumulate(micro, step_tokens)
+        except Exception as error:
+            if self.compiled is None or not is_compile_failure(error):
+                raise
+            self._compile_failed(error)
+            loss_total, input_tokens = self._accumulate(micro, step_tokens)
         distributed.sum_gradients(self.dist, self.params)
         totals = torch.stack([loss_total, torch.tensor(float(input_tokens), dtype=torch.float64, device=self.device)])
         loss_value, input_tokens = (float(v) for v in distributed.all_reduce_sum(self.dist, totals))
@@ -286,6 +304,20 @@ class Trainer:
         self.state.step = step
         self.state.micro_batches = self.batches.position
         return loss_value, grad_norm if applied else None, input_tokens
+
+    def _accumulate(self, micro: list[dict], step_tokens: int) -> tuple[torch.Tensor, int]:
+        """Forward and backward of each micro-batch; returns (the step's loss, still on the device; input tokens)."""
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # read back once per step
+        input_tokens = 0
+        for batch in micro:
+            labels = batch["labels"].to(self.device)
+            with self.autocast():
+                loss = loss_sum(self.model, model_inputs(batch, self.device), labels, self.fused) / step_tokens
+            self.loss_scaling.backward(loss * distributed.backward_scale(self.dist))
+            loss_total += loss.detach().double()
+            mask = batch.get("attention_mask")
+            input_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return loss_total, input_tokens
 
     def _micro_batch(self) -> dict[str, torch.Tensor]:
         """This rank's rows of the next global micro-batch (the whole micro-batch on one process)."""
@@ -357,8 +389,9 @@ class Trainer:
                 last = self.state.step == self.total_steps or self.time_capped
                 if self.eval_data is not None and ((config.eval_every and self.state.step % config.eval_every == 0)
                                                    or last):
-                    eval_loss = evaluate(self.model, self.eval_data.examples, config.micro_batch_size,
-                                         self.pad_token_id, self.device, self.autocast, self.fused)
+                    with eager():  # eval's no-grad graphs are not worth compiling
+                        eval_loss = evaluate(self.model, self.eval_data.examples, config.micro_batch_size,
+                                             self.pad_token_id, self.device, self.autocast, self.fused)
                     record["eval_loss"] = eval_loss
                     record["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
                 if metrics is not None and (self.state.step % config.log_every == 0 or last or "eval_loss" in record):

@@ -26,7 +26,11 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from . import memory_model as mm
+from .compile import AUTO_MIN_STEPS
+from .compile import choose as choose_compile
 from .memory_suggestions import Suggestion, suggestions
 
 CPU_IMPORT_BYTES = 249 * 2**20
@@ -174,7 +178,8 @@ def _components(arch: mm.Architecture, config, device: str, world_size: int) -> 
         step["DDP gradient buckets"] = grads
     if ranks > 1:
         step["FSDP gathered layers"] = 2 * (layer_weights + grads // arch.layers)
-    if getattr(train, "compile", False):
+    steps = train.max_steps or AUTO_MIN_STEPS  # epochs: the data decides; count the run as long
+    if choose_compile(train.compile, torch.device(device_kind(device)), steps, train.distributed).enabled:
         step["compile workspace"] = 2 * mm.layer_activation_bytes(arch, tokens, b, names, lora.r, lora.dropout > 0)
     transient = max(setup, key=setup.get)
     if setup[transient] > sum(step.values()):
