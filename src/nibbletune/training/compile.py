@@ -3,19 +3,19 @@
 Only the repeated decoder layer is compiled, not the whole model: every layer shares the code
 of its class, so Dynamo traces it once and the other layers reuse the graph (their weights are
 inputs of the graph, not constants), which keeps compile time to one layer's. What differs per
-layer reaches the graph as tensors (`modules/lora_op.py`), so nothing recompiles per layer. The LoRA linears
-inside are custom ops (`modules/lora_op.py`), so the graph has no break per linear; Inductor
-fuses the norms, rotary embedding, activation and residual adds around them.
+layer reaches the graph as tensors (`modules/lora_op.py`), so nothing recompiles per layer. The
+LoRA linears inside are custom ops, so the graph has no break per linear; Inductor fuses the
+norms, rotary embedding, activation and residual adds around them.
 
 Inductor's caches (FX graphs and AOT autograd) live under `~/.cache/nibbletune/inductor` unless
 TORCHINDUCTOR_CACHE_DIR is set, so a second run of the same model and shapes starts warm.
 
-`auto` compiles on CUDA when the run has at least `AUTO_MIN_STEPS` steps (a cold compile of a
-layer costs tens of seconds, which a 10-20% faster step pays back only over a few hundred
-steps), and never on the CPU, where it was measured slower or no faster than the eager fast path
-(`benchmarks/real_model.py --columns ...,nibbletune-compiled`; benchmarks/README.md). Where
-compiling fails (no C++ compiler for Inductor, an unsupported op), the run warns once and goes on
-eagerly: `is_compile_failure` tells those errors apart.
+`auto` compiles on CUDA when the run has at least `AUTO_MIN_STEPS` steps (a cold compile costs
+tens of seconds, which a somewhat faster step pays back only over a few hundred steps), and
+never on the CPU, where the speed gain measured was within the noise (benchmarks/README.md,
+"The fp32 regime and `train.compile`"). Where compiling fails (no C++ compiler for Inductor, an
+unsupported op), the run warns once and goes on eagerly: `is_compile_failure` tells those errors
+apart.
 """
 
 from __future__ import annotations
