@@ -10,7 +10,9 @@ A custom op's schema takes only tensors and scalars, so the frozen weight travel
 storage tensors plus its layout fields (`quant_type` "dense" for an unquantized weight). What
 differs between calls of one graph travels as tensors, since Dynamo bakes Python numbers into
 the graph: the dropout seed (an int64 tensor; as an int it would recompile every step) and the
-double-quant offset (a float64 tensor; as a float it would recompile every layer). Unlike the eager autograd Function, backward regenerates the dropped-out input from
+double-quant offset (a float64 tensor; as a float it would recompile every layer).
+
+Unlike the eager autograd Function, backward regenerates the dropped-out input from
 the saved input and the seed instead of saving it.
 """
 
@@ -67,8 +69,9 @@ def _lora_linear_fake(x, bias, lora_A, lora_B, storage, shape, weight_dtype, blo
 def lora_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, h: torch.Tensor, lora_A: torch.Tensor,
                             lora_B: torch.Tensor, storage: list[torch.Tensor], shape: list[int],
                             weight_dtype: torch.dtype, blocksize: int, quant_type: str,
-                            nested_offset: torch.Tensor | None, scaling: float, dropout_p: float, seed: torch.Tensor, compute_dtype: torch.dtype,
-                            needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                            nested_offset: torch.Tensor | None, scaling: float, dropout_p: float,
+                            seed: torch.Tensor, compute_dtype: torch.dtype, needs: list[bool],
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dL/dx, dL/dbias, dL/dA, dL/dB); an empty tensor stands for a gradient `needs` did not ask for."""
     spec = _spec(scaling, dropout_p, seed, compute_dtype)
     x2 = x.reshape(-1, lora_A.shape[1]).to(compute_dtype)
@@ -118,7 +121,8 @@ def lora_linear(x: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor
     """
     if isinstance(base, LinearNF4):
         storage, layout, nested_offset = base.traceable_weight()
-        shape, weight_dtype, blocksize, quant_type = list(layout.shape), layout.dtype, layout.blocksize, layout.quant_type
+        shape, weight_dtype = list(layout.shape), layout.dtype
+        blocksize, quant_type = layout.blocksize, layout.quant_type
     else:
         storage, shape, weight_dtype = [base.weight], list(base.weight.shape), base.weight.dtype
         blocksize, quant_type, nested_offset = 0, DENSE, None

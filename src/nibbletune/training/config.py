@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import NibbletuneError
 from ..modules import LoraSettings
@@ -128,6 +128,16 @@ class TrainSection(_Section):
         "none", description="where metrics go besides metrics.jsonl and loss_curve.png: none; tensorboard "
         "(events in output_dir/tensorboard; pip install 'nibbletune[tensorboard]'); wandb (Weights & Biases, "
         "WANDB_MODE=offline works; pip install 'nibbletune[wandb]')")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_choice(cls, value):
+        if isinstance(value, bool):
+            return value
+        choices = {"auto": "auto", "true": True, "false": False}
+        if isinstance(value, str) and value.lower() in choices:
+            return choices[value.lower()]
+        raise ValueError(f"must be auto, true or false (got {value!r})")
 
     @model_validator(mode="after")
     def _length(self) -> TrainSection:
