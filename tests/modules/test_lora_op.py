@@ -75,3 +75,35 @@ def test_opcheck(base_kind):
     args = (x, bias, layer.lora_A.weight, layer.lora_B.weight, storage, *extra, layer.scaling, 0.25,
             torch.tensor(7, dtype=torch.int64), dtype)
     torch.library.opcheck(lora_linear_op, args)
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_compiled_layers_share_one_graph_and_match_eager(with_lora):
+    """Three 4-bit layers with different double-quant offsets: one compiled graph, eager's outputs and gradients."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    layers = []
+    for seed in range(3):
+        base = make_nf4(48, 80, bias=True, seed=seed)
+        layer = LoraLinear(base, r=4, alpha=8) if with_lora else base
+        if with_lora:
+            randomize_adapter(layer, seed=seed)
+        layers.append(layer)
+    assert len({layer.base._layout.nested_offset if with_lora else layer._layout.nested_offset
+                for layer in layers}) == 3
+    x = torch.randn(2, 5, 80)
+    frames_after_one = 0
+    for layer in layers:
+        eager_x, compiled_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        eager_y = layer(eager_x)
+        eager_y.sum().backward()
+        layer.compile(backend=counter)
+        compiled_y = layer(compiled_x)
+        compiled_y.sum().backward()
+        layer._compiled_call_impl = None
+        frames_after_one = frames_after_one or counter.frame_count
+        torch.testing.assert_close(compiled_y, eager_y, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(compiled_x.grad, eager_x.grad, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == frames_after_one  # the offsets reach the graph as tensors: no graph per layer

@@ -35,7 +35,7 @@ from ..errors import FormatError
 from ..quant import QuantizedTensor, QuantSettings, from_bnb_state_dict, quantize, to_bnb_state_dict
 from ..quant.bnb_format import bnb_state_keys, is_bnb_quantized
 from ..quant.scratch import dequantize_scratch
-from ..quant.tensor import QuantLayout
+from ..quant.tensor import QuantLayout, dequantize_4bit_op
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -62,6 +62,37 @@ class _NF4LinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias, None
+
+
+class _TracedNF4LinearFunction(torch.autograd.Function):
+    """`_NF4LinearFunction` for torch.compile: the weight as storage tensors, layout and offset tensor.
+
+    Building a QuantizedTensor while Dynamo traces would read its float offset, which Dynamo bakes
+    into the graph (one graph per layer); here it stays a tensor. Like the eager function, it
+    saves only the storage and decodes again in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, offset, layout: QuantLayout, compute_dtype, *storage):
+        ctx.save_for_backward(offset, *storage)
+        ctx.layout, ctx.compute_dtype, ctx.has_bias = layout, compute_dtype, bias is not None
+        return F.linear(x, _decode(storage, offset, layout, compute_dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        offset, *storage = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ _decode(storage, offset, ctx.layout, ctx.compute_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return (grad_x, grad_bias, None, None, None, *[None] * len(storage))
+
+
+def _decode(storage, offset, layout: QuantLayout, dtype: torch.dtype) -> torch.Tensor:
+    nested_absmax = storage[2] if len(storage) > 2 else None
+    return dequantize_4bit_op(storage[0], storage[1], nested_absmax, offset, list(layout.shape), layout.blocksize,
+                              layout.quant_type, dtype)
 
 
 def linear_4bit(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None,
@@ -115,7 +146,8 @@ class LinearNF4(nn.Module):
         The offset differs per weight; read as the layout's float, Dynamo would bake it into the
         graph and compile every layer anew. As a tensor it is an input of one shared graph.
         """
-        return list(self.quantized_weight.storage), self._layout, self._nested_offset
+        storage = [self.packed_codes, self.absmax] + ([] if self.nested_absmax is None else [self.nested_absmax])
+        return storage, self._layout, self._nested_offset
 
     @property
     def quant_type(self) -> str:
@@ -157,6 +189,10 @@ class LinearNF4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        if torch.compiler.is_compiling():
+            storage, layout, offset = self.traceable_weight()
+            offset = offset if offset is not None else torch.zeros((), dtype=torch.float64)
+            return _TracedNF4LinearFunction.apply(x, bias, offset, layout, self.compute_dtype, *storage)
         return linear_4bit(x, self.quantized_weight, bias, self.compute_dtype)
 
     def _apply(self, fn, recurse=True):

@@ -124,7 +124,7 @@ class QuantizedTensor:
         """
         dtype = dtype or self.dtype
         if torch.compiler.is_compiling():
-            offset = 0.0 if self.nested_offset is None else self.nested_offset
+            offset = None if self.nested_offset is None else torch.tensor(self.nested_offset, dtype=torch.float64)
             return dequantize_4bit_op(self.packed, self.absmax, self.nested_absmax, offset, list(self.shape),
                                       self.blocksize, self.quant_type, dtype)
         return dequantize_4bit(self, dtype, out)
@@ -182,7 +182,7 @@ def dequantize_4bit_op(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     nested_absmax: torch.Tensor | None,
-    nested_offset: float,
+    nested_offset: torch.Tensor | None,
     shape: list[int],
     blocksize: int,
     quant_type: str,
@@ -191,9 +191,10 @@ def dequantize_4bit_op(
     """Dequantize 4-bit codes to a new tensor of `shape` and `dtype` (opaque to torch.compile).
 
     The arguments are a QuantizedTensor's fields, flattened because a custom op's schema takes
-    only tensors and scalars; `nested_offset` is ignored when `nested_absmax` is None.
+    only tensors and scalars. `nested_offset` (with `nested_absmax`; None without double quant)
+    is a 0-d tensor, not a float: Dynamo would bake a float into the graph, one graph per weight.
     """
-    offset = nested_offset if nested_absmax is not None else None
+    offset = float(nested_offset) if nested_absmax is not None and nested_offset is not None else None
     qt = QuantizedTensor(packed, absmax, torch.Size(shape), dtype, blocksize, quant_type, nested_absmax, offset)
     return dequantize_4bit(qt, dtype)
 
