@@ -43,62 +43,43 @@ COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class _NF4LinearFunction(torch.autograd.Function):
     """y = x @ dequant(W)^T + b with W frozen; see the module docstring for the gradients.
 
-    `apply(x, weight, bias, compute_dtype)`: `weight` is the QuantizedTensor; its storage is saved
-    for backward and the dequantized copy is not.
+    `apply(x, bias, compute_dtype, layout, offset, *storage)`: the weight as its storage tensors
+    and layout; `offset` is the double-quant offset as a 0-d tensor, or None to take the layout's
+    float (see `_decode`). The storage is saved for backward and the dequantized copy is not.
     """
 
     @staticmethod
-    def forward(ctx, x, weight: QuantizedTensor, bias, compute_dtype):
-        ctx.save_for_backward(*weight.storage)
-        ctx.layout, ctx.compute_dtype, ctx.has_bias = weight.layout, compute_dtype, bias is not None
-        return F.linear(x, dequantize_scratch(weight, compute_dtype), bias)  # dequantized: [out, in]
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            weight = QuantizedTensor.from_storage(ctx.layout, ctx.saved_tensors)
-            grad_x = grad_out @ dequantize_scratch(weight, ctx.compute_dtype)  # [..., out] @ [out, in] -> [..., in]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, grad_bias, None
-
-
-class _TracedNF4LinearFunction(torch.autograd.Function):
-    """`_NF4LinearFunction` for torch.compile: the weight as storage tensors, layout and offset tensor.
-
-    Building a QuantizedTensor while Dynamo traces would read its float offset, which Dynamo bakes
-    into the graph (one graph per layer); here it stays a tensor. Like the eager function, it
-    saves only the storage and decodes again in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, bias, offset, layout: QuantLayout, compute_dtype, *storage):
+    def forward(ctx, x, bias, compute_dtype, layout: QuantLayout, offset, *storage):
         ctx.save_for_backward(offset, *storage)
         ctx.layout, ctx.compute_dtype, ctx.has_bias = layout, compute_dtype, bias is not None
-        return F.linear(x, _decode(storage, offset, layout, compute_dtype), bias)
+        return F.linear(x, _decode(storage, layout, offset, compute_dtype), bias)  # dequantized: [out, in]
 
     @staticmethod
     def backward(ctx, grad_out):
         offset, *storage = ctx.saved_tensors
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ _decode(storage, offset, ctx.layout, ctx.compute_dtype)
+        if ctx.needs_input_grad[0]:  # [..., out] @ [out, in] -> [..., in]
+            grad_x = grad_out @ _decode(storage, ctx.layout, offset, ctx.compute_dtype)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return (grad_x, grad_bias, None, None, None, *[None] * len(storage))
 
 
-def _decode(storage, offset, layout: QuantLayout, dtype: torch.dtype) -> torch.Tensor:
-    nested_absmax = storage[2] if len(storage) > 2 else None
-    return dequantize_4bit_op(storage[0], storage[1], nested_absmax, offset, list(layout.shape), layout.blocksize,
-                              layout.quant_type, dtype)
+def _decode(storage, layout: QuantLayout, offset: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in `dtype`: the scratch buffer eagerly; under torch.compile the custom op, fed the
+    offset tensor when there is one (a QuantizedTensor built while Dynamo traces would make it read
+    the layout's float, which it bakes into the graph: one graph per layer)."""
+    if offset is not None and torch.compiler.is_compiling():
+        nested_absmax = storage[2] if len(storage) > 2 else None
+        return dequantize_4bit_op(storage[0], storage[1], nested_absmax, offset, list(layout.shape),
+                                  layout.blocksize, layout.quant_type, dtype)
+    return dequantize_scratch(QuantizedTensor.from_storage(layout, tuple(storage)), dtype)
 
 
 def linear_4bit(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None,
                 compute_dtype: torch.dtype) -> torch.Tensor:
     """x @ dequant(weight)^T + bias in `compute_dtype`, differentiable in x and bias (the weight is frozen)."""
-    return _NF4LinearFunction.apply(x, weight, bias, compute_dtype)
+    return _NF4LinearFunction.apply(x, bias, compute_dtype, weight.layout, None, *weight.storage)
 
 
 class LinearNF4(nn.Module):
@@ -133,12 +114,15 @@ class LinearNF4(nn.Module):
         # A plain attribute, not a buffer: it stays on the CPU and outside the state dict.
         self._nested_offset = None if qt.nested_offset is None else torch.tensor(qt.nested_offset, dtype=torch.float64)
 
+    def _storage(self) -> tuple[torch.Tensor, ...]:
+        if self.nested_absmax is None:
+            return (self.packed_codes, self.absmax)
+        return (self.packed_codes, self.absmax, self.nested_absmax)
+
     @property
     def quantized_weight(self) -> QuantizedTensor:
         """The frozen weight as a QuantizedTensor sharing this layer's buffers."""
-        storage = (self.packed_codes, self.absmax) if self.nested_absmax is None else \
-            (self.packed_codes, self.absmax, self.nested_absmax)
-        return QuantizedTensor.from_storage(self._layout, storage)
+        return QuantizedTensor.from_storage(self._layout, self._storage())
 
     def traceable_weight(self) -> tuple[list[torch.Tensor], QuantLayout, torch.Tensor | None]:
         """(storage tensors, layout, double-quant offset as a 0-d float64 CPU tensor or None), for torch.compile.
@@ -146,8 +130,7 @@ class LinearNF4(nn.Module):
         The offset differs per weight; read as the layout's float, Dynamo would bake it into the
         graph and compile every layer anew. As a tensor it is an input of one shared graph.
         """
-        storage = [self.packed_codes, self.absmax] + ([] if self.nested_absmax is None else [self.nested_absmax])
-        return storage, self._layout, self._nested_offset
+        return list(self._storage()), self._layout, self._nested_offset
 
     @property
     def quant_type(self) -> str:
@@ -189,11 +172,7 @@ class LinearNF4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        if torch.compiler.is_compiling():
-            storage, layout, offset = self.traceable_weight()
-            offset = offset if offset is not None else torch.zeros((), dtype=torch.float64)
-            return _TracedNF4LinearFunction.apply(x, bias, offset, layout, self.compute_dtype, *storage)
-        return linear_4bit(x, self.quantized_weight, bias, self.compute_dtype)
+        return _NF4LinearFunction.apply(x, bias, self.compute_dtype, self._layout, self._nested_offset, *self._storage())
 
     def _apply(self, fn, recurse=True):
         """Let `.to()`, `.cuda()`, `.half()` ... move the 4-bit buffers but never cast them.

@@ -65,7 +65,8 @@ def _storage(weight: FrozenWeight) -> tuple[tuple[torch.Tensor, ...], QuantLayou
     return (weight,), None
 
 
-def _rebuild(saved: tuple[torch.Tensor, ...], layout: QuantLayout | None) -> FrozenWeight:
+def rebuild_weight(saved: tuple[torch.Tensor, ...], layout: QuantLayout | None) -> FrozenWeight:
+    """The frozen weight from its storage tensors and layout (None: a dense tensor, the one tensor saved)."""
     return saved[0] if layout is None else QuantizedTensor.from_storage(layout, saved)
 
 
@@ -141,7 +142,7 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xd, h, lora_A, lora_B, *weight_tensors = ctx.saved_tensors
-        weight = _rebuild(tuple(weight_tensors), ctx.weight_layout)
+        weight = rebuild_weight(tuple(weight_tensors), ctx.weight_layout)
         needs = (ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[1], *ctx.needs_input_grad[2:4])
         with torch.autocast(grad_out.device.type, enabled=False):
             grads = lora_backward(grad_out, xd, h, lora_A, lora_B, ctx.spec, weight, ctx.x_dtype, needs)

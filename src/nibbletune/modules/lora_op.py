@@ -21,11 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant import QuantizedTensor
 from ..quant.tensor import QuantLayout
 from .dropout import apply_dropout
 from .linear_nf4 import LinearNF4
-from .lora_function import FrozenWeight, LoraSpec, lora_backward, lora_forward
+from .lora_function import FrozenWeight, LoraSpec, lora_backward, lora_forward, rebuild_weight
 
 DENSE = "dense"
 """`quant_type` of an unquantized frozen weight."""
@@ -35,11 +34,9 @@ _SEED_BITS = (1 << 64) - 1
 
 def _weight(storage: list[torch.Tensor], shape: list[int], weight_dtype: torch.dtype, blocksize: int,
             quant_type: str, nested_offset: torch.Tensor | None) -> FrozenWeight:
-    if quant_type == DENSE:
-        return storage[0]
     offset = None if nested_offset is None else float(nested_offset)
-    layout = QuantLayout(tuple(shape), weight_dtype, blocksize, quant_type, offset)
-    return QuantizedTensor.from_storage(layout, tuple(storage))
+    layout = None if quant_type == DENSE else QuantLayout(tuple(shape), weight_dtype, blocksize, quant_type, offset)
+    return rebuild_weight(tuple(storage), layout)
 
 
 def _spec(scaling: float, dropout_p: float, seed: torch.Tensor, compute_dtype: torch.dtype) -> LoraSpec:

@@ -45,10 +45,10 @@ class CompileChoice:
 
 
 def choose(setting: str | bool, device: torch.device, total_steps: int, distributed: str) -> CompileChoice:
-    """What `train.compile` (auto / true / false) means for a run on `device` of `total_steps` steps."""
-    if setting is False or setting == "false":
+    """What `train.compile` ("auto", True or False, as the config holds it) means for a run on `device`."""
+    if setting is False:
         return CompileChoice(False, "train.compile is false")
-    if setting is True or setting == "true":
+    if setting is True:
         return CompileChoice(True, "train.compile is true")
     if distributed == "fsdp":
         return CompileChoice(False, "auto: not with fsdp")
